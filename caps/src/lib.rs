@@ -1,0 +1,3 @@
+//! Capability spaces, typed capabilities and the derivation tree.
+#![cfg_attr(not(test), no_std)]
+#![deny(unsafe_code)]
