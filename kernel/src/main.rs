@@ -1,0 +1,8 @@
+//! capvisor: the microkernel (ring 0, VMX root).
+#![no_std]
+#![no_main]
+
+#[panic_handler]
+fn panic(_: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
