@@ -1,0 +1,334 @@
+//! Descriptor tables and traps: a GDT and TSS (with IST stacks) per CPU, one shared IDT, and
+//! the trap entry that reports every exception with its vector, error code, RIP, CR2 and the
+//! registers before ending the run with a FAIL verdict.
+
+use crate::{hw, memory, percpu, scenario};
+use alloc::boxed::Box;
+use core::arch::global_asm;
+use core::fmt::Write;
+use spin::Once;
+
+/// GDT selectors (the user ones are laid out for SYSCALL/SYSRET: SDM Vol. 2B, SYSRET).
+pub const KERNEL_CS: u16 = 0x08;
+pub const KERNEL_DS: u16 = 0x10;
+pub const USER_DS: u16 = 0x20 | 3;
+pub const USER_CS: u16 = 0x28 | 3;
+pub const TSS_SELECTOR: u16 = 0x30;
+
+/// Interrupt vectors the kernel uses.
+pub const VECTOR_TIMER: u8 = 0x20;
+pub const VECTOR_SPURIOUS: u8 = 0xff;
+
+/// IST slots: 1 = double fault, 2 = NMI, 3 = machine check.
+const IST_STACK_PAGES: usize = 4;
+
+/// The 64-bit TSS (SDM Vol. 3A, 8.7 "Task Management in 64-bit Mode").
+#[repr(C, packed)]
+pub struct Tss {
+    _reserved0: u32,
+    pub rsp: [u64; 3],
+    _reserved1: u64,
+    pub ist: [u64; 7],
+    _reserved2: u64,
+    _reserved3: u16,
+    pub iomap_base: u16,
+}
+
+/// A 16-byte IDT gate (SDM Vol. 3A, 6.14.1).
+#[derive(Clone, Copy)]
+#[repr(C)]
+struct Gate {
+    offset_low: u16,
+    selector: u16,
+    ist: u8,
+    attributes: u8,
+    offset_mid: u16,
+    offset_high: u32,
+    _reserved: u32,
+}
+
+impl Gate {
+    const fn missing() -> Self {
+        Self {
+            offset_low: 0,
+            selector: 0,
+            ist: 0,
+            attributes: 0,
+            offset_mid: 0,
+            offset_high: 0,
+            _reserved: 0,
+        }
+    }
+
+    fn interrupt(handler: u64, ist: u8, dpl: u8) -> Self {
+        Self {
+            offset_low: handler as u16,
+            selector: KERNEL_CS,
+            ist,
+            attributes: 0x8e | (dpl << 5),
+            offset_mid: (handler >> 16) as u16,
+            offset_high: (handler >> 32) as u32,
+            _reserved: 0,
+        }
+    }
+}
+
+static IDT: Once<[Gate; 256]> = Once::new();
+
+/// Register state pushed by the trap entry, in memory order.
+#[derive(Debug)]
+#[repr(C)]
+pub struct TrapFrame {
+    pub r15: u64,
+    pub r14: u64,
+    pub r13: u64,
+    pub r12: u64,
+    pub r11: u64,
+    pub r10: u64,
+    pub r9: u64,
+    pub r8: u64,
+    pub rbp: u64,
+    pub rdi: u64,
+    pub rsi: u64,
+    pub rdx: u64,
+    pub rcx: u64,
+    pub rbx: u64,
+    pub rax: u64,
+    pub vector: u64,
+    pub error_code: u64,
+    pub rip: u64,
+    pub cs: u64,
+    pub rflags: u64,
+    pub rsp: u64,
+    pub ss: u64,
+}
+
+// One 16-byte stub per vector: push a zero error code where the CPU pushes none, push the
+// vector, join the common path. Vectors with an error code: SDM Vol. 3A, Table 6-1.
+global_asm!(
+    r#"
+    .section .text.traps, "ax"
+    .balign 16
+    .global trap_stubs
+trap_stubs:
+    .set vec, 0
+    .rept 256
+    .balign 16
+    .if (vec == 8) || (vec == 10) || (vec == 11) || (vec == 12) || (vec == 13) || (vec == 14) || (vec == 17) || (vec == 21) || (vec == 29) || (vec == 30)
+    .else
+    pushq $0
+    .endif
+    pushq $vec
+    jmp trap_common
+    .set vec, vec + 1
+    .endr
+
+trap_common:
+    testb $3, 24(%rsp)
+    jz 1f
+    swapgs
+1:  pushq %rax
+    pushq %rbx
+    pushq %rcx
+    pushq %rdx
+    pushq %rsi
+    pushq %rdi
+    pushq %rbp
+    pushq %r8
+    pushq %r9
+    pushq %r10
+    pushq %r11
+    pushq %r12
+    pushq %r13
+    pushq %r14
+    pushq %r15
+    movq %rsp, %rdi
+    cld
+    call trap_dispatch
+    popq %r15
+    popq %r14
+    popq %r13
+    popq %r12
+    popq %r11
+    popq %r10
+    popq %r9
+    popq %r8
+    popq %rbp
+    popq %rdi
+    popq %rsi
+    popq %rdx
+    popq %rcx
+    popq %rbx
+    popq %rax
+    testb $3, 24(%rsp)
+    jz 2f
+    swapgs
+2:  addq $16, %rsp
+    iretq
+"#,
+    options(att_syntax)
+);
+
+unsafe extern "C" {
+    static trap_stubs: u8;
+}
+
+fn stub_address(vector: usize) -> u64 {
+    core::ptr::addr_of!(trap_stubs) as u64 + 16 * vector as u64
+}
+
+/// Builds the shared IDT (once) and the calling CPU's GDT and TSS, and loads all three.
+pub fn init_this_cpu() {
+    let idt = IDT.call_once(|| {
+        let mut idt = [Gate::missing(); 256];
+        for (v, gate) in idt.iter_mut().enumerate() {
+            let ist = match v {
+                8 => 1,
+                2 => 2,
+                18 => 3,
+                _ => 0,
+            };
+            *gate = Gate::interrupt(stub_address(v), ist, 0);
+        }
+        idt
+    });
+
+    let mut tss = Box::new(Tss {
+        _reserved0: 0,
+        rsp: [0; 3],
+        _reserved1: 0,
+        ist: [0; 7],
+        _reserved2: 0,
+        _reserved3: 0,
+        iomap_base: core::mem::size_of::<Tss>() as u16,
+    });
+    for slot in 0..3 {
+        let stack = memory::alloc_zeroed_pages(IST_STACK_PAGES)
+            .expect("no memory for an IST stack at boot");
+        tss.ist[slot] = stack + (IST_STACK_PAGES * memory::PAGE_SIZE) as u64;
+    }
+    let tss: &'static mut Tss = Box::leak(tss);
+    let tss_addr = tss as *mut Tss as u64;
+    let limit = (core::mem::size_of::<Tss>() - 1) as u64;
+
+    let gdt: &'static mut [u64; 8] = Box::leak(Box::new([
+        0,
+        0x0020_9a00_0000_0000, // 0x08 kernel code, 64-bit
+        0x0000_9200_0000_0000, // 0x10 kernel data
+        0,                     // 0x18 (SYSRET's 32-bit user code slot, unused)
+        0x0000_f200_0000_0000, // 0x20 user data, DPL 3
+        0x0020_fa00_0000_0000, // 0x28 user code, 64-bit, DPL 3
+        // 0x30: available 64-bit TSS (type 9), present.
+        (limit & 0xffff)
+            | ((tss_addr & 0xff_ffff) << 16)
+            | (0x89 << 40)
+            | (((limit >> 16) & 0xf) << 48)
+            | (((tss_addr >> 24) & 0xff) << 56),
+        tss_addr >> 32,
+    ]));
+
+    let gdt_ptr = hw::DescriptorTablePointer {
+        limit: (core::mem::size_of::<[u64; 8]>() - 1) as u16,
+        base: gdt.as_ptr() as u64,
+    };
+    let idt_ptr = hw::DescriptorTablePointer {
+        limit: (core::mem::size_of::<[Gate; 256]>() - 1) as u16,
+        base: idt.as_ptr() as u64,
+    };
+    // SAFETY: the GDT and TSS were leaked and live forever; the GDT holds a 64-bit code
+    // descriptor at KERNEL_CS, data at KERNEL_DS and an available TSS at TSS_SELECTOR; the IDT
+    // is in a static `Once` and every gate points at a trap stub.
+    unsafe {
+        hw::load_gdt(&gdt_ptr, KERNEL_CS, KERNEL_DS);
+        hw::load_tr(TSS_SELECTOR);
+        hw::load_idt(&idt_ptr);
+    }
+}
+
+/// Names of the architectural exceptions (SDM Vol. 3A, Table 6-1).
+fn exception_name(vector: u64) -> &'static str {
+    match vector {
+        0 => "#DE",
+        1 => "#DB",
+        2 => "NMI",
+        3 => "#BP",
+        4 => "#OF",
+        5 => "#BR",
+        6 => "#UD",
+        7 => "#NM",
+        8 => "#DF",
+        10 => "#TS",
+        11 => "#NP",
+        12 => "#SS",
+        13 => "#GP",
+        14 => "#PF",
+        16 => "#MF",
+        17 => "#AC",
+        18 => "#MC",
+        19 => "#XM",
+        20 => "#VE",
+        21 => "#CP",
+        _ => "reserved",
+    }
+}
+
+/// Called by `trap_common` with the saved registers.
+#[unsafe(no_mangle)]
+extern "C" fn trap_dispatch(frame: &mut TrapFrame) {
+    match frame.vector {
+        v if v < 32 => exception(frame),
+        v if v == VECTOR_TIMER as u64 => {
+            percpu::current()
+                .timer_ticks
+                .fetch_add(1, core::sync::atomic::Ordering::Relaxed);
+            crate::apic::eoi();
+        }
+        v if v == VECTOR_SPURIOUS as u64 => {}
+        _ => crate::apic::eoi(),
+    }
+}
+
+fn exception(frame: &TrapFrame) -> ! {
+    let cr2 = hw::read_cr2();
+    let cpu = percpu::current_index_or_zero();
+    // The console lock may be held by the code that faulted: write around it.
+    let mut out = crate::serial::Serial::unlocked();
+    let _ = write!(
+        out,
+        "\ncapvisor: exception vector {} ({}) error {:#x} on cpu {}\n  rip {:#018x} cs {:#x} rflags {:#x} rsp {:#018x} ss {:#x} cr2 {:#018x}\n  rax {:#018x} rbx {:#018x} rcx {:#018x} rdx {:#018x}\n  rsi {:#018x} rdi {:#018x} rbp {:#018x} r8  {:#018x}\n  r9  {:#018x} r10 {:#018x} r11 {:#018x} r12 {:#018x}\n  r13 {:#018x} r14 {:#018x} r15 {:#018x} cr3 {:#018x}\n",
+        frame.vector,
+        exception_name(frame.vector),
+        frame.error_code,
+        cpu,
+        frame.rip,
+        frame.cs,
+        frame.rflags,
+        frame.rsp,
+        frame.ss,
+        cr2,
+        frame.rax,
+        frame.rbx,
+        frame.rcx,
+        frame.rdx,
+        frame.rsi,
+        frame.rdi,
+        frame.rbp,
+        frame.r8,
+        frame.r9,
+        frame.r10,
+        frame.r11,
+        frame.r12,
+        frame.r13,
+        frame.r14,
+        frame.r15,
+        hw::read_cr3(),
+    );
+    scenario::fail_unlocked(format_args!(
+        "exception vector {} ({}) error {:#x} rip {:#x} cr2 {:#x}",
+        frame.vector,
+        exception_name(frame.vector),
+        frame.error_code,
+        frame.rip,
+        cr2
+    ))
+}

@@ -1,0 +1,265 @@
+//! The one place with raw hardware access: ports, MSRs, control registers, CPUID, descriptor
+//! tables, APIC registers and VMX instructions. Every other module calls these safe or
+//! narrowly-unsafe wrappers, so each unsafe operation is justified once, here.
+
+use core::arch::asm;
+
+/// IA32 MSR numbers used by the kernel (Intel SDM Vol. 4, "Model-Specific Registers").
+pub mod msr {
+    pub const IA32_FEATURE_CONTROL: u32 = 0x3a;
+    pub const IA32_APIC_BASE: u32 = 0x1b;
+    pub const IA32_VMX_BASIC: u32 = 0x480;
+    pub const IA32_VMX_CR0_FIXED0: u32 = 0x486;
+    pub const IA32_VMX_CR0_FIXED1: u32 = 0x487;
+    pub const IA32_VMX_CR4_FIXED0: u32 = 0x488;
+    pub const IA32_VMX_CR4_FIXED1: u32 = 0x489;
+    pub const IA32_EFER: u32 = 0xc000_0080;
+    pub const IA32_GS_BASE: u32 = 0xc000_0101;
+    pub const X2APIC_BASE: u32 = 0x800;
+}
+
+/// Writes a byte to an I/O port.
+pub fn outb(port: u16, value: u8) {
+    // SAFETY: port output has no memory-safety effect on the kernel; the kernel owns all I/O
+    // ports (user-level access is granted only through the TSS I/O bitmap, not this function).
+    unsafe { x86::io::outb(port, value) }
+}
+
+/// Reads a byte from an I/O port.
+pub fn inb(port: u16) -> u8 {
+    // SAFETY: as for `outb`; reads of device ports do not touch kernel memory.
+    unsafe { x86::io::inb(port) }
+}
+
+/// Writes a 16-bit word to an I/O port.
+pub fn outw(port: u16, value: u16) {
+    // SAFETY: as for `outb`.
+    unsafe { x86::io::outw(port, value) }
+}
+
+/// Writes a 32-bit word to an I/O port.
+pub fn outl(port: u16, value: u32) {
+    // SAFETY: as for `outb`.
+    unsafe { x86::io::outl(port, value) }
+}
+
+/// Reads an MSR. The caller passes an MSR the CPU implements (checked through CPUID where
+/// architectural); reading an unimplemented MSR raises #GP, which the exception handler reports.
+pub fn rdmsr(msr: u32) -> u64 {
+    // SAFETY: RDMSR only reads a register; a bad index faults into the exception handler,
+    // which reports it and ends the run; no memory is touched.
+    unsafe { x86::msr::rdmsr(msr) }
+}
+
+/// Writes an MSR.
+///
+/// # Safety
+/// The write must not break the kernel's invariants (EFER.LME, GS base of the running CPU,
+/// APIC base): callers name the MSR and state why the value is sound.
+pub unsafe fn wrmsr(msr: u32, value: u64) {
+    // SAFETY: forwarded from the caller's contract.
+    unsafe { x86::msr::wrmsr(msr, value) }
+}
+
+/// CPUID leaf/subleaf: (eax, ebx, ecx, edx).
+pub fn cpuid(leaf: u32, subleaf: u32) -> (u32, u32, u32, u32) {
+    let r = core::arch::x86_64::__cpuid_count(leaf, subleaf);
+    (r.eax, r.ebx, r.ecx, r.edx)
+}
+
+/// Reads the time-stamp counter.
+pub fn rdtsc() -> u64 {
+    // SAFETY: RDTSC reads a counter; CR4.TSD is clear in ring 0 anyway.
+    unsafe { core::arch::x86_64::_rdtsc() }
+}
+
+pub fn read_cr0() -> u64 {
+    let v: u64;
+    // SAFETY: reading CR0 has no side effects.
+    unsafe { asm!("mov {}, cr0", out(reg) v, options(nomem, nostack, preserves_flags)) };
+    v
+}
+
+pub fn read_cr2() -> u64 {
+    let v: u64;
+    // SAFETY: reading CR2 has no side effects.
+    unsafe { asm!("mov {}, cr2", out(reg) v, options(nomem, nostack, preserves_flags)) };
+    v
+}
+
+pub fn read_cr3() -> u64 {
+    let v: u64;
+    // SAFETY: reading CR3 has no side effects.
+    unsafe { asm!("mov {}, cr3", out(reg) v, options(nomem, nostack, preserves_flags)) };
+    v
+}
+
+pub fn read_cr4() -> u64 {
+    let v: u64;
+    // SAFETY: reading CR4 has no side effects.
+    unsafe { asm!("mov {}, cr4", out(reg) v, options(nomem, nostack, preserves_flags)) };
+    v
+}
+
+/// Writes CR0.
+///
+/// # Safety
+/// The new value must keep PE, PG, WP and the long-mode invariants the kernel relies on.
+pub unsafe fn write_cr0(v: u64) {
+    // SAFETY: forwarded from the caller's contract.
+    unsafe { asm!("mov cr0, {}", in(reg) v, options(nostack, preserves_flags)) };
+}
+
+/// Writes CR4.
+///
+/// # Safety
+/// The new value must keep PAE set and may only add features the CPU reports.
+pub unsafe fn write_cr4(v: u64) {
+    // SAFETY: forwarded from the caller's contract.
+    unsafe { asm!("mov cr4, {}", in(reg) v, options(nostack, preserves_flags)) };
+}
+
+/// Loads CR3, switching address space and flushing non-global TLB entries.
+///
+/// # Safety
+/// `pml4` must be the physical address of a valid PML4 that maps the kernel identically.
+pub unsafe fn write_cr3(pml4: u64) {
+    // SAFETY: forwarded from the caller's contract.
+    unsafe { asm!("mov cr3, {}", in(reg) pml4, options(nostack, preserves_flags)) };
+}
+
+/// Invalidates the TLB entry for one linear address.
+pub fn invlpg(addr: u64) {
+    // SAFETY: INVLPG only drops a cached translation.
+    unsafe { asm!("invlpg [{}]", in(reg) addr, options(nostack, preserves_flags)) };
+}
+
+/// A descriptor-table register image for LGDT/LIDT.
+#[repr(C, packed)]
+pub struct DescriptorTablePointer {
+    pub limit: u16,
+    pub base: u64,
+}
+
+/// Loads the GDT, reloads CS with `code` and the data segments with `data`.
+///
+/// # Safety
+/// `gdt` must describe a GDT that lives forever and holds a 64-bit code descriptor at `code`
+/// and a data descriptor at `data`.
+pub unsafe fn load_gdt(gdt: &DescriptorTablePointer, code: u16, data: u16) {
+    // SAFETY: forwarded from the caller's contract; the far return reloads CS.
+    unsafe {
+        asm!(
+            "lgdt [{gdt}]",
+            "push {code}",
+            "lea {tmp}, [rip + 2f]",
+            "push {tmp}",
+            "retfq",
+            "2:",
+            "mov ds, {data:x}",
+            "mov es, {data:x}",
+            "mov ss, {data:x}",
+            gdt = in(reg) gdt,
+            code = in(reg) code as u64,
+            data = in(reg) data as u64,
+            tmp = lateout(reg) _,
+        );
+    }
+}
+
+/// Loads the task register.
+///
+/// # Safety
+/// `selector` must name an available 64-bit TSS descriptor in the current GDT.
+pub unsafe fn load_tr(selector: u16) {
+    // SAFETY: forwarded from the caller's contract.
+    unsafe { asm!("ltr {0:x}", in(reg) selector, options(nostack, preserves_flags)) };
+}
+
+/// Loads the IDT.
+///
+/// # Safety
+/// `idt` must describe an IDT that lives forever with valid gates.
+pub unsafe fn load_idt(idt: &DescriptorTablePointer) {
+    // SAFETY: forwarded from the caller's contract.
+    unsafe { asm!("lidt [{}]", in(reg) idt, options(nostack, preserves_flags)) };
+}
+
+/// Enables maskable interrupts.
+pub fn enable_interrupts() {
+    // SAFETY: the IDT is loaded before any CPU calls this (cpu::init runs first).
+    unsafe { asm!("sti", options(nomem, nostack)) };
+}
+
+/// Disables maskable interrupts.
+pub fn disable_interrupts() {
+    // SAFETY: CLI only masks interrupts.
+    unsafe { asm!("cli", options(nomem, nostack)) };
+}
+
+/// Waits for the next interrupt.
+pub fn halt() {
+    // SAFETY: HLT stops until an interrupt; with interrupts masked it stops for good, which
+    // is the intended end of a run.
+    unsafe { asm!("hlt", options(nomem, nostack)) };
+}
+
+/// Halts this CPU forever with interrupts masked.
+pub fn halt_forever() -> ! {
+    loop {
+        disable_interrupts();
+        halt();
+    }
+}
+
+/// A spin-loop hint.
+pub fn pause() {
+    core::hint::spin_loop();
+}
+
+/// Reads a 32-bit memory-mapped register.
+///
+/// # Safety
+/// `addr` must be a mapped, 4-byte aligned device register whose read has no effect the
+/// caller did not intend.
+pub unsafe fn mmio_read32(addr: u64) -> u32 {
+    // SAFETY: forwarded from the caller's contract.
+    unsafe { core::ptr::read_volatile(addr as *const u32) }
+}
+
+/// Writes a 32-bit memory-mapped register.
+///
+/// # Safety
+/// As for `mmio_read32`.
+pub unsafe fn mmio_write32(addr: u64, value: u32) {
+    // SAFETY: forwarded from the caller's contract.
+    unsafe { core::ptr::write_volatile(addr as *mut u32, value) }
+}
+
+/// VMX instructions (Intel SDM Vol. 3C, chapter 31 "VMX Instruction Reference").
+pub mod vmx {
+    /// Enters VMX root operation with the VMXON region at physical `region`.
+    ///
+    /// # Safety
+    /// CR4.VMXE must be set, CR0/CR4 must honour the fixed bits, and `region` must be a
+    /// 4 KiB-aligned page owned by this CPU for as long as it stays in VMX operation, with the
+    /// VMCS revision identifier in its first word.
+    pub unsafe fn vmxon(region: u64) -> Result<(), ()> {
+        // SAFETY: forwarded from the caller's contract.
+        unsafe { x86::bits64::vmx::vmxon(region).map_err(|_| ()) }
+    }
+}
+
+/// Per-CPU base pointer in IA32_GS_BASE.
+///
+/// # Safety
+/// `base` must point to this CPU's per-CPU block, which lives forever.
+pub unsafe fn set_gs_base(base: u64) {
+    // SAFETY: forwarded; GS is used only to find the per-CPU block.
+    unsafe { wrmsr(msr::IA32_GS_BASE, base) }
+}
+
+/// Reads IA32_GS_BASE.
+pub fn gs_base() -> u64 {
+    rdmsr(msr::IA32_GS_BASE)
+}

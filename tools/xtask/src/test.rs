@@ -1,0 +1,137 @@
+//! `cargo xtask test`: lints, host tests, then every scenario on the emulator it needs.
+
+use crate::emulator::{self, Verdict};
+use crate::{Emulator, RunSpec, deps, root, step};
+use std::process::Command;
+use std::time::Instant;
+
+/// What a scenario run must show.
+pub enum Expect {
+    Pass,
+    /// A FAIL verdict whose reason contains every one of these strings.
+    FailWith(&'static [&'static str]),
+}
+
+pub struct Case {
+    pub spec: RunSpec,
+    pub expect: Expect,
+}
+
+fn spec(scenario: &str, emulator: Emulator, cpus: u32, uefi: bool) -> RunSpec {
+    let mut s = RunSpec {
+        scenario: scenario.into(),
+        emulator,
+        cpus,
+        uefi,
+        timeout_secs: 0,
+        kernel_args: Vec::new(),
+        stream: false,
+    };
+    s.timeout_secs = emulator::default_timeout(&s);
+    s
+}
+
+/// Every scenario test, in the order they run (QEMU first: fast feedback).
+pub fn cases() -> Vec<Case> {
+    use Emulator::{Bochs, Qemu};
+    vec![
+        Case { spec: spec("boot", Qemu, 2, false), expect: Expect::Pass },
+        Case { spec: spec("boot", Qemu, 2, true), expect: Expect::Pass },
+        Case {
+            spec: spec("fault", Qemu, 1, false),
+            expect: Expect::FailWith(&["vector 14 (#PF)", "cr2 0xdead00000000"]),
+        },
+        Case { spec: spec("boot", Bochs, 1, false), expect: Expect::Pass },
+        Case { spec: spec("boot", Bochs, 2, false), expect: Expect::Pass },
+    ]
+}
+
+fn cargo(args: &[&str]) -> Result<(), String> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    step!("cargo {}", args.join(" "));
+    let status = Command::new(cargo)
+        .current_dir(root())
+        .args(args)
+        .status()
+        .map_err(|e| format!("cannot run cargo: {e}"))?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(format!("'cargo {}' failed", args.join(" ")))
+    }
+}
+
+/// Formatting, clippy on the host crates and on the target crates, and the host tests.
+pub fn host() -> Result<(), String> {
+    cargo(&["fmt", "--all", "--", "--check"])?;
+    cargo(&["clippy", "--workspace", "--all-targets", "--locked", "--", "-D", "warnings"])?;
+    cargo(&[
+        "clippy",
+        "--locked",
+        "--release",
+        "--target",
+        deps::TARGET,
+        "-p",
+        "kernel",
+        "--",
+        "-D",
+        "warnings",
+    ])?;
+    cargo(&["test", "--workspace", "--locked"])
+}
+
+/// Runs one case; returns whether it met its expectation, and a summary line.
+pub fn run_case(case: &Case) -> (bool, String) {
+    let label = case.spec.label();
+    match emulator::run(&case.spec) {
+        Err(e) => (false, format!("{label}: error: {e}")),
+        Ok(o) => {
+            let secs = o.seconds;
+            match (&case.expect, &o.verdict) {
+                (Expect::Pass, Verdict::Pass) => (true, format!("{label}: PASS ({secs:.1} s)")),
+                (Expect::FailWith(needles), Verdict::Fail(reason))
+                    if needles.iter().all(|n| reason.contains(n)) =>
+                {
+                    (true, format!("{label}: expected failure seen ({secs:.1} s): {reason}"))
+                }
+                (_, v) => (
+                    false,
+                    format!("{label}: UNEXPECTED {v:?} (log {})", o.log.display()),
+                ),
+            }
+        }
+    }
+}
+
+pub fn run(args: &[String]) -> Result<u8, String> {
+    let host_only = args.iter().any(|a| a == "--host-only");
+    if let Some(a) = args.iter().find(|a| *a != "--host-only") {
+        return Err(format!("unknown option '{a}' (test takes --host-only)"));
+    }
+    let start = Instant::now();
+    deps::ensure_all()?;
+    host()?;
+    if host_only {
+        return Ok(0);
+    }
+    let cases = cases();
+    let mut results = Vec::new();
+    for (i, case) in cases.iter().enumerate() {
+        step!("scenario {}/{}: {}", i + 1, cases.len(), case.spec.label());
+        let (ok, line) = run_case(case);
+        step!("{line}");
+        results.push((ok, line));
+    }
+    println!("\nscenario results:");
+    for (ok, line) in &results {
+        println!("  [{}] {line}", if *ok { " ok " } else { "FAIL" });
+    }
+    let failed = results.iter().filter(|(ok, _)| !ok).count();
+    println!(
+        "{} of {} scenarios as expected; total {:.0} s",
+        results.len() - failed,
+        results.len(),
+        start.elapsed().as_secs_f64()
+    );
+    Ok(if failed == 0 { 0 } else { 1 })
+}
