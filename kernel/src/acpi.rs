@@ -18,6 +18,16 @@ pub enum AcpiError {
     NoMadt,
 }
 
+impl core::fmt::Display for AcpiError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            Self::NoRsdp => write!(f, "the boot loader passed no RSDP"),
+            Self::BadTable(why) => write!(f, "malformed ACPI table: {why}"),
+            Self::NoMadt => write!(f, "no MADT in the RSDT/XSDT"),
+        }
+    }
+}
+
 fn table(addr: u64) -> Result<&'static [u8], AcpiError> {
     let header = firmware_bytes(addr, 36).ok_or(AcpiError::BadTable("header out of reach"))?;
     let len = le_u32(header, 4).ok_or(AcpiError::BadTable("short header"))? as usize;
@@ -84,7 +94,9 @@ pub fn madt(rsdt: Option<u64>, xsdt: Option<u64>) -> Result<Madt, AcpiError> {
         };
         if let Some((id, flags)) = id_flags {
             // Bit 0: enabled; bit 1: online capable.
-            if flags & 0b11 != 0 && out.count < MAX_APICS && !out.apic_ids[..out.count].contains(&id)
+            if flags & 0b11 != 0
+                && out.count < MAX_APICS
+                && !out.apic_ids[..out.count].contains(&id)
             {
                 out.apic_ids[out.count] = id;
                 out.count += 1;

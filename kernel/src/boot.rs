@@ -230,7 +230,6 @@ unsafe extern "C" {
     static ap_entry: u8;
     static __kernel_start: u8;
     static __kernel_end: u8;
-    pub static boot_pdpt: u8;
 }
 
 /// The physical range `[start, end)` the kernel image occupies (all sections, with BSS).

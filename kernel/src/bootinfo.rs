@@ -22,7 +22,10 @@ pub struct BootString {
 
 impl BootString {
     const fn empty() -> Self {
-        Self { buf: [0; 128], len: 0 }
+        Self {
+            buf: [0; 128],
+            len: 0,
+        }
     }
 
     fn copy(s: &str) -> Self {
@@ -76,6 +79,16 @@ pub enum BootInfoError {
     BadMagic(u32),
     Unreadable,
     NoMemoryMap,
+}
+
+impl core::fmt::Display for BootInfoError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            Self::BadMagic(m) => write!(f, "not started by a multiboot2 loader (magic {m:#x})"),
+            Self::Unreadable => write!(f, "the multiboot2 information is malformed"),
+            Self::NoMemoryMap => write!(f, "the boot loader passed no memory map"),
+        }
+    }
 }
 
 /// Parses the boot information at physical `addr`.
@@ -155,9 +168,12 @@ impl BootInfo {
 
     /// The value of `key=` on the kernel command line.
     pub fn arg(&self, key: &str) -> Option<&str> {
-        self.cmdline.as_str().split_ascii_whitespace().find_map(|w| {
-            let (k, v) = w.split_once('=')?;
-            (k == key).then_some(v)
-        })
+        self.cmdline
+            .as_str()
+            .split_ascii_whitespace()
+            .find_map(|w| {
+                let (k, v) = w.split_once('=')?;
+                (k == key).then_some(v)
+            })
     }
 }

@@ -11,8 +11,6 @@ use spin::Once;
 /// GDT selectors (the user ones are laid out for SYSCALL/SYSRET: SDM Vol. 2B, SYSRET).
 pub const KERNEL_CS: u16 = 0x08;
 pub const KERNEL_DS: u16 = 0x10;
-pub const USER_DS: u16 = 0x20 | 3;
-pub const USER_CS: u16 = 0x28 | 3;
 pub const TSS_SELECTOR: u16 = 0x30;
 
 /// Interrupt vectors the kernel uses.

@@ -31,18 +31,6 @@ pub fn inb(port: u16) -> u8 {
     unsafe { x86::io::inb(port) }
 }
 
-/// Writes a 16-bit word to an I/O port.
-pub fn outw(port: u16, value: u16) {
-    // SAFETY: as for `outb`.
-    unsafe { x86::io::outw(port, value) }
-}
-
-/// Writes a 32-bit word to an I/O port.
-pub fn outl(port: u16, value: u32) {
-    // SAFETY: as for `outb`.
-    unsafe { x86::io::outl(port, value) }
-}
-
 /// Reads an MSR. The caller passes an MSR the CPU implements (checked through CPUID where
 /// architectural); reading an unimplemented MSR raises #GP, which the exception handler reports.
 pub fn rdmsr(msr: u32) -> u64 {
@@ -65,12 +53,6 @@ pub unsafe fn wrmsr(msr: u32, value: u64) {
 pub fn cpuid(leaf: u32, subleaf: u32) -> (u32, u32, u32, u32) {
     let r = core::arch::x86_64::__cpuid_count(leaf, subleaf);
     (r.eax, r.ebx, r.ecx, r.edx)
-}
-
-/// Reads the time-stamp counter.
-pub fn rdtsc() -> u64 {
-    // SAFETY: RDTSC reads a counter; CR4.TSD is clear in ring 0 anyway.
-    unsafe { core::arch::x86_64::_rdtsc() }
 }
 
 pub fn read_cr0() -> u64 {
@@ -119,6 +101,7 @@ pub unsafe fn write_cr4(v: u64) {
     unsafe { asm!("mov cr4, {}", in(reg) v, options(nostack, preserves_flags)) };
 }
 
+#[expect(dead_code, reason = "user address spaces (issue 3) switch CR3")]
 /// Loads CR3, switching address space and flushing non-global TLB entries.
 ///
 /// # Safety
@@ -128,6 +111,7 @@ pub unsafe fn write_cr3(pml4: u64) {
     unsafe { asm!("mov cr3, {}", in(reg) pml4, options(nostack, preserves_flags)) };
 }
 
+#[expect(dead_code, reason = "user address spaces (issue 3) unmap pages")]
 /// Invalidates the TLB entry for one linear address.
 pub fn invlpg(addr: u64) {
     // SAFETY: INVLPG only drops a cached translation.

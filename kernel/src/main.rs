@@ -30,7 +30,7 @@ extern "C" fn kernel_main(magic: u32, info_addr: u32) -> ! {
     println!("capvisor {} booting", env!("CARGO_PKG_VERSION"));
     let info = match bootinfo::parse(magic, u64::from(info_addr)) {
         Ok(i) => BOOT_INFO.call_once(|| i),
-        Err(e) => scenario::fail(format_args!("boot information: {e:?}")),
+        Err(e) => scenario::fail(format_args!("boot information: {e}")),
     };
     scenario::set_name(info.arg("scenario").unwrap_or("boot"));
     let level = match info.arg("log") {
@@ -43,8 +43,19 @@ extern "C" fn kernel_main(magic: u32, info_addr: u32) -> ! {
     };
     serial::init_log(level);
     log::debug!("command line: {}", info.cmdline.as_str());
+    for m in info.modules() {
+        log::debug!(
+            "module {:#x}..{:#x}: {}",
+            m.start,
+            m.end,
+            m.cmdline.as_str()
+        );
+    }
     if info.dropped > 0 {
-        log::warn!("{} memory regions or modules did not fit the boot tables", info.dropped);
+        log::warn!(
+            "{} memory regions or modules did not fit the boot tables",
+            info.dropped
+        );
     }
 
     if let Err(e) = memory::init(info) {
@@ -53,7 +64,7 @@ extern "C" fn kernel_main(magic: u32, info_addr: u32) -> ! {
     let (total, _) = memory::frame_stats();
     println!(
         "memory: {} MiB free in frames, {} modules",
-        total * memory::PAGE_SIZE >> 20,
+        (total * memory::PAGE_SIZE) >> 20,
         info.module_count
     );
     let unmapped = memory::UNMAPPED_BYTES.load(Ordering::Relaxed);
@@ -84,7 +95,7 @@ extern "C" fn kernel_main(magic: u32, info_addr: u32) -> ! {
             madt.count.min(percpu::MAX_CPUS)
         }
         Err(e) => {
-            log::warn!("acpi: no MADT ({e:?}); running on the BSP alone");
+            log::warn!("acpi: no MADT ({e}); running on the BSP alone");
             1
         }
     };

@@ -37,8 +37,14 @@ fn subtract(free: &mut [Region; MAX_RANGES], count: &mut usize, hole: Region) {
     let mut n = 0;
     for r in &free[..*count] {
         let pieces = [
-            Region { start: r.start, end: r.end.min(hole.start) },
-            Region { start: r.start.max(hole.end), end: r.end },
+            Region {
+                start: r.start,
+                end: r.end.min(hole.start),
+            },
+            Region {
+                start: r.start.max(hole.end),
+                end: r.end,
+            },
         ];
         for p in pieces {
             if p.start < p.end && n < MAX_RANGES {
@@ -55,14 +61,23 @@ fn subtract(free: &mut [Region; MAX_RANGES], count: &mut usize, hole: Region) {
 pub fn init(info: &BootInfo) -> Result<(), &'static str> {
     let (kstart, kend) = crate::boot::kernel_range();
     let mut reserved = RESERVED.lock();
-    reserved[0] = Region { start: 0, end: LOW_MEMORY };
-    reserved[1] = Region { start: kstart, end: kend };
+    reserved[0] = Region {
+        start: 0,
+        end: LOW_MEMORY,
+    };
+    reserved[1] = Region {
+        start: kstart,
+        end: kend,
+    };
     reserved[2] = Region {
         start: info.info_range.start,
         end: info.info_range.end,
     };
     for (i, m) in info.modules().enumerate() {
-        reserved[4 + i] = Region { start: m.start, end: m.end };
+        reserved[4 + i] = Region {
+            start: m.start,
+            end: m.end,
+        };
     }
 
     let mut free = [Region::default(); MAX_RANGES];

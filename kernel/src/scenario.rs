@@ -40,7 +40,12 @@ pub fn pass() -> ! {
 
 /// Prints a FAIL verdict with its reason and ends the run.
 pub fn fail(reason: fmt::Arguments<'_>) -> ! {
-    let _ = writeln!(CONSOLE.lock(), "capvisor: scenario {}: FAIL: {}", name(), reason);
+    let _ = writeln!(
+        CONSOLE.lock(),
+        "capvisor: scenario {}: FAIL: {}",
+        name(),
+        reason
+    );
     shutdown(false)
 }
 
@@ -115,16 +120,20 @@ fn boot(expected_cpus: usize) -> ! {
     }
     crate::println!(
         "boot: {count} CPUs online, {}",
-        if vmx_here { "all in VMX root" } else { "no VMX on this machine" }
+        if vmx_here {
+            "all in VMX root"
+        } else {
+            "no VMX on this machine"
+        }
     );
     pass()
 }
 
 /// `fault`: a deliberate page fault; the exception handler must report vector 14 and CR2.
 fn fault() -> ! {
-    const UNMAPPED: u64 = 0xdead_0000_0000;
+    const UNMAPPED: u64 = 0x5ead_beef_0000;
     crate::println!("fault: reading unmapped address {UNMAPPED:#x}");
-    // SAFETY: the address lies outside the identity map, so the read faults before touching
+    // SAFETY: the address is canonical but outside the identity map (its PML4 entry is empty), so the read faults before touching
     // memory; the page-fault handler reports it and ends the run.
     let v = unsafe { core::ptr::read_volatile(UNMAPPED as *const u64) };
     fail(format_args!("read of an unmapped address returned {v:#x}"))

@@ -76,7 +76,6 @@ pub fn print(args: fmt::Arguments<'_>) {
     let _ = CONSOLE.lock().write_fmt(args);
 }
 
-
 #[macro_export]
 macro_rules! print {
     ($($arg:tt)*) => { $crate::serial::print(format_args!($($arg)*)) };

@@ -17,9 +17,7 @@ fn write_trampoline_word(offset: usize, value: u64) {
     // SAFETY: the trampoline page lies below 1 MiB, which the frame allocator never hands
     // out; it is identity mapped, and `offset` comes from `boot::trampoline()`, inside the
     // copied image. APs read it only after the SIPI that follows this write.
-    unsafe {
-        core::ptr::write_volatile((TRAMPOLINE_BASE as usize + offset) as *mut u64, value)
-    };
+    unsafe { core::ptr::write_volatile((TRAMPOLINE_BASE as usize + offset) as *mut u64, value) };
 }
 
 /// Starts every enabled processor in the MADT other than this one. Returns how many came up.

@@ -38,7 +38,11 @@ fn enter_root() -> VmxState {
     }
 
     let fixed = |v: u64, f0: u32, f1: u32| (v | hw::rdmsr(f0)) & hw::rdmsr(f1);
-    let cr0 = fixed(hw::read_cr0(), msr::IA32_VMX_CR0_FIXED0, msr::IA32_VMX_CR0_FIXED1);
+    let cr0 = fixed(
+        hw::read_cr0(),
+        msr::IA32_VMX_CR0_FIXED0,
+        msr::IA32_VMX_CR0_FIXED1,
+    );
     let cr4 = fixed(
         hw::read_cr4() | CR4_VMXE,
         msr::IA32_VMX_CR4_FIXED0,
@@ -79,8 +83,16 @@ fn enter_root() -> VmxState {
 pub fn log_features() {
     let basic = hw::rdmsr(msr::IA32_VMX_BASIC);
     let procbased = hw::rdmsr(0x482);
-    let secondary = if procbased >> 63 != 0 { hw::rdmsr(0x48b) >> 32 } else { 0 };
-    let ept_vpid = if secondary & ((1 << 1) | (1 << 5)) != 0 { hw::rdmsr(0x48c) } else { 0 };
+    let secondary = if procbased >> 63 != 0 {
+        hw::rdmsr(0x48b) >> 32
+    } else {
+        0
+    };
+    let ept_vpid = if secondary & ((1 << 1) | (1 << 5)) != 0 {
+        hw::rdmsr(0x48c)
+    } else {
+        0
+    };
     crate::println!(
         "vmx: revision {:#x}, secondary controls {:#x}, EPT/VPID capabilities {:#x}",
         basic & 0x7fff_ffff,

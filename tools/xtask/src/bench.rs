@@ -75,7 +75,16 @@ fn host_benchmarks(quick: bool) -> Result<Vec<Figure>, String> {
     step!("host benchmark: shadow-EPT engine (in-memory backend, release)");
     let mut cmd = Command::new(cargo);
     cmd.current_dir(root())
-        .args(["run", "--release", "--locked", "-p", "ept", "--example", "vept_bench", "--"])
+        .args([
+            "run",
+            "--release",
+            "--locked",
+            "-p",
+            "ept",
+            "--example",
+            "vept_bench",
+            "--",
+        ])
         .arg("--json")
         .arg(&json);
     if quick {
@@ -98,19 +107,36 @@ pub fn run(args: &[String]) -> Result<u8, String> {
     }
     let figures = host_benchmarks(quick)?;
 
-    println!("\n{:<58} {:>16} {:<14} {:<14} ok", "benchmark", "value", "unit", "target");
+    println!(
+        "\n{:<58} {:>16} {:<14} {:<14} ok",
+        "benchmark", "value", "unit", "target"
+    );
     for f in &figures {
         println!(
             "{:<58} {:>16} {:<14} {:<14} {}",
             f.name,
-            if f.value.fract() == 0.0 { format!("{}", f.value) } else { format!("{:.2}", f.value) },
+            if f.value.fract() == 0.0 {
+                format!("{}", f.value)
+            } else {
+                format!("{:.2}", f.value)
+            },
             f.unit,
             f.target,
-            if f.target.is_empty() { "-" } else if f.ok { "yes" } else { "NO" }
+            if f.target.is_empty() {
+                "-"
+            } else if f.ok {
+                "yes"
+            } else {
+                "NO"
+            }
         );
     }
     let path = build_dir().join("bench.json");
     std::fs::write(&path, to_json(&figures)).map_err(|e| e.to_string())?;
     println!("written to {}", path.display());
-    Ok(if figures.iter().all(|f| f.ok || f.target.is_empty()) { 0 } else { 1 })
+    Ok(if figures.iter().all(|f| f.ok || f.target.is_empty()) {
+        0
+    } else {
+        1
+    })
 }

@@ -12,22 +12,52 @@ struct Package {
 }
 
 const BUILD: &[Package] = &[
-    Package { name: "grub-common", probe: "/usr/bin/grub-mkrescue" },
-    Package { name: "grub-pc-bin", probe: "/usr/lib/grub/i386-pc/multiboot2.mod" },
-    Package { name: "grub-efi-amd64-bin", probe: "/usr/lib/grub/x86_64-efi/multiboot2.mod" },
-    Package { name: "xorriso", probe: "/usr/bin/xorriso" },
-    Package { name: "mtools", probe: "/usr/bin/mformat" },
+    Package {
+        name: "grub-common",
+        probe: "/usr/bin/grub-mkrescue",
+    },
+    Package {
+        name: "grub-pc-bin",
+        probe: "/usr/lib/grub/i386-pc/multiboot2.mod",
+    },
+    Package {
+        name: "grub-efi-amd64-bin",
+        probe: "/usr/lib/grub/x86_64-efi/multiboot2.mod",
+    },
+    Package {
+        name: "xorriso",
+        probe: "/usr/bin/xorriso",
+    },
+    Package {
+        name: "mtools",
+        probe: "/usr/bin/mformat",
+    },
 ];
 
 const BOCHS: &[Package] = &[
-    Package { name: "bochs", probe: "/usr/bin/bochs" },
-    Package { name: "bochsbios", probe: "/usr/share/bochs/BIOS-bochs-latest" },
-    Package { name: "vgabios", probe: "/usr/share/vgabios/vgabios.bin" },
+    Package {
+        name: "bochs",
+        probe: "/usr/bin/bochs",
+    },
+    Package {
+        name: "bochsbios",
+        probe: "/usr/share/bochs/BIOS-bochs-latest",
+    },
+    Package {
+        name: "vgabios",
+        probe: "/usr/share/vgabios/vgabios.bin",
+    },
 ];
 
 const QEMU: &[Package] = &[
-    Package { name: "qemu-system-x86", probe: "/usr/bin/qemu-system-x86_64" },
-    Package { name: "ovmf", probe: "/usr/share/ovmf/OVMF.fd" },
+    Package {
+        name: "qemu-system-x86",
+        probe: "/usr/bin/qemu-system-x86_64",
+    },
+    Package {
+        name: "ovmf",
+        probe: "/usr/share/ovmf/OVMF.fd",
+    },
 ];
 
 pub const TARGET: &str = "x86_64-unknown-none";
@@ -56,7 +86,10 @@ fn install(packages: &[&Package]) -> Result<(), String> {
             missing.join(" ")
         ));
     }
-    step!("installing {} (apt-get; this takes a minute)", missing.join(" "));
+    step!(
+        "installing {} (apt-get; this takes a minute)",
+        missing.join(" ")
+    );
     let ok = Command::new("apt-get")
         .args(["update", "-qq"])
         .status()

@@ -15,7 +15,7 @@ pub enum Verdict {
     /// The kernel printed a FAIL verdict: the reason it gave.
     Fail(String),
     /// No verdict: the emulator stopped, failed or the time ran out.
-    NoVerdict(String),
+    Stopped(String),
 }
 
 /// The result of one run: verdict, the serial log, and every console line.
@@ -23,6 +23,7 @@ pub struct Outcome {
     pub spec: RunSpec,
     pub verdict: Verdict,
     pub log: PathBuf,
+    /// Every console line up to the verdict (benchmarks read their figures from here).
     pub lines: Vec<String>,
     pub seconds: f64,
 }
@@ -41,11 +42,19 @@ impl Outcome {
                 0
             }
             Verdict::Fail(r) => {
-                println!("xtask: {} FAIL: {r} (log {})", self.spec.label(), self.log.display());
+                println!(
+                    "xtask: {} FAIL: {r} (log {})",
+                    self.spec.label(),
+                    self.log.display()
+                );
                 1
             }
-            Verdict::NoVerdict(r) => {
-                println!("xtask: {} FAIL: {r} (log {})", self.spec.label(), self.log.display());
+            Verdict::Stopped(r) => {
+                println!(
+                    "xtask: {} FAIL: {r} (log {})",
+                    self.spec.label(),
+                    self.log.display()
+                );
                 1
             }
         }
@@ -147,13 +156,19 @@ fn emulator_reason(spec: &RunSpec, work: &Path) -> String {
         return "triple fault".into();
     }
     if spec.emulator == Emulator::Kvm && (text.contains("kvm") || text.contains("KVM")) {
-        let first = text.lines().find(|l| l.to_lowercase().contains("kvm")).unwrap_or("");
+        let first = text
+            .lines()
+            .find(|l| l.to_lowercase().contains("kvm"))
+            .unwrap_or("");
         return format!(
             "KVM cannot run capvisor here ({}); --emulator kvm needs an Intel host with nested VMX",
             first.trim()
         );
     }
-    if let Some(l) = text.lines().find(|l| l.contains(">>PANIC<<") || l.contains("qemu-system")) {
+    if let Some(l) = text
+        .lines()
+        .find(|l| l.contains(">>PANIC<<") || l.contains("qemu-system"))
+    {
         return format!("emulator error: {}", l.trim());
     }
     "the emulator stopped without a verdict (reset, triple fault or shutdown)".into()
@@ -219,10 +234,15 @@ pub fn run(spec: &RunSpec) -> Result<Outcome, String> {
             if line.contains(&pass) {
                 verdict = Some(Verdict::Pass);
             } else if let Some(i) = line.find(&fail) {
-                let reason = line[i + fail.len()..].trim_start_matches(':').trim().to_string();
+                let reason = line[i + fail.len()..]
+                    .trim_start_matches(':')
+                    .trim()
+                    .to_string();
                 verdict = Some(Verdict::Fail(reason));
             } else if line.contains("capvisor: scenario ") && line.contains(": PASS") {
-                verdict = Some(Verdict::Fail(format!("the kernel ran another scenario: {line}")));
+                verdict = Some(Verdict::Fail(format!(
+                    "the kernel ran another scenario: {line}"
+                )));
             }
             lines.push(line);
             if verdict.is_some() {
@@ -233,11 +253,11 @@ pub fn run(spec: &RunSpec) -> Result<Outcome, String> {
             break;
         }
         if exited {
-            verdict = Some(Verdict::NoVerdict(emulator_reason(spec, &work)));
+            verdict = Some(Verdict::Stopped(emulator_reason(spec, &work)));
             break;
         }
         if start.elapsed() > Duration::from_secs(spec.timeout_secs) {
-            verdict = Some(Verdict::NoVerdict(format!(
+            verdict = Some(Verdict::Stopped(format!(
                 "timeout: no verdict after {} s",
                 spec.timeout_secs
             )));
@@ -258,7 +278,7 @@ pub fn run(spec: &RunSpec) -> Result<Outcome, String> {
     let _ = child.wait();
     Ok(Outcome {
         spec: spec.clone(),
-        verdict: verdict.unwrap_or(Verdict::NoVerdict("no verdict".into())),
+        verdict: verdict.unwrap_or(Verdict::Stopped("no verdict".into())),
         log,
         lines,
         seconds: start.elapsed().as_secs_f64(),

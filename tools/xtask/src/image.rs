@@ -94,7 +94,11 @@ pub fn build(spec: &RunSpec) -> Result<PathBuf, String> {
     for m in &modules {
         let path = binary_path(m.binary);
         if !path.exists() {
-            return Err(format!("boot module {} is missing at {}", m.binary, path.display()));
+            return Err(format!(
+                "boot module {} is missing at {}",
+                m.binary,
+                path.display()
+            ));
         }
         copy(&path, &boot.join(m.binary))?;
     }

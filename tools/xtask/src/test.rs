@@ -35,14 +35,26 @@ fn spec(scenario: &str, emulator: Emulator, cpus: u32, uefi: bool) -> RunSpec {
 pub fn cases() -> Vec<Case> {
     use Emulator::{Bochs, Qemu};
     vec![
-        Case { spec: spec("boot", Qemu, 2, false), expect: Expect::Pass },
-        Case { spec: spec("boot", Qemu, 2, true), expect: Expect::Pass },
+        Case {
+            spec: spec("boot", Qemu, 2, false),
+            expect: Expect::Pass,
+        },
+        Case {
+            spec: spec("boot", Qemu, 2, true),
+            expect: Expect::Pass,
+        },
         Case {
             spec: spec("fault", Qemu, 1, false),
-            expect: Expect::FailWith(&["vector 14 (#PF)", "cr2 0xdead00000000"]),
+            expect: Expect::FailWith(&["vector 14 (#PF)", "cr2 0x5eadbeef0000"]),
         },
-        Case { spec: spec("boot", Bochs, 1, false), expect: Expect::Pass },
-        Case { spec: spec("boot", Bochs, 2, false), expect: Expect::Pass },
+        Case {
+            spec: spec("boot", Bochs, 1, false),
+            expect: Expect::Pass,
+        },
+        Case {
+            spec: spec("boot", Bochs, 2, false),
+            expect: Expect::Pass,
+        },
     ]
 }
 
@@ -64,7 +76,15 @@ fn cargo(args: &[&str]) -> Result<(), String> {
 /// Formatting, clippy on the host crates and on the target crates, and the host tests.
 pub fn host() -> Result<(), String> {
     cargo(&["fmt", "--all", "--", "--check"])?;
-    cargo(&["clippy", "--workspace", "--all-targets", "--locked", "--", "-D", "warnings"])?;
+    cargo(&[
+        "clippy",
+        "--workspace",
+        "--all-targets",
+        "--locked",
+        "--",
+        "-D",
+        "warnings",
+    ])?;
     cargo(&[
         "clippy",
         "--locked",
@@ -92,12 +112,29 @@ pub fn run_case(case: &Case) -> (bool, String) {
                 (Expect::FailWith(needles), Verdict::Fail(reason))
                     if needles.iter().all(|n| reason.contains(n)) =>
                 {
-                    (true, format!("{label}: expected failure seen ({secs:.1} s): {reason}"))
+                    (
+                        true,
+                        format!("{label}: expected failure seen ({secs:.1} s): {reason}"),
+                    )
                 }
-                (_, v) => (
-                    false,
-                    format!("{label}: UNEXPECTED {v:?} (log {})", o.log.display()),
-                ),
+                (_, v) => {
+                    let tail: Vec<&str> = o
+                        .lines
+                        .iter()
+                        .rev()
+                        .take(6)
+                        .rev()
+                        .map(String::as_str)
+                        .collect();
+                    (
+                        false,
+                        format!(
+                            "{label}: UNEXPECTED {v:?} (log {}); last console lines:\n      {}",
+                            o.log.display(),
+                            tail.join("\n      ")
+                        ),
+                    )
+                }
             }
         }
     }
