@@ -284,6 +284,72 @@ impl<S: NodeStorage, const SPACES: usize, const SLOTS: usize> CapSystem<S, SPACE
         Ok(self.tree.remove(node, &mut clear)?)
     }
 
+    /// Records a non-capability node (a memory mapping, say) as a child of the capability at
+    /// (`space`, `slot`): revoking or deleting that capability, or any ancestor, removes it and
+    /// reports it to the `on_node` callback of [`CapSystem::revoke_with`] and friends.
+    pub fn derive_node(&mut self, space: u32, slot: u64, key: NodeKey) -> Result<NodeId, CapError> {
+        let parent = self.get(space, slot)?.node();
+        self.derive_from_node(parent, key)
+    }
+
+    /// Records a non-capability node as a child of another node (a shadow mapping derived from
+    /// a guest mapping). Capability keys are refused: capabilities live in slots.
+    pub fn derive_from_node(&mut self, parent: NodeId, key: NodeKey) -> Result<NodeId, CapError> {
+        if matches!(key, NodeKey::Capability { .. }) {
+            return Err(CapError::Inconsistent);
+        }
+        let key = key.pack().map_err(|_| CapError::InvalidSpace)?;
+        Ok(self.tree.derive(parent, key)?)
+    }
+
+    /// Removes `node` (a non-capability node) and everything derived from it. Capabilities
+    /// below it go to `on_cap`, other nodes (itself included) to `on_node`.
+    pub fn remove_node(
+        &mut self,
+        node: NodeId,
+        on_cap: &mut impl FnMut(RemovedCap),
+        on_node: &mut impl FnMut(NodeId, NodeKey),
+    ) -> Result<usize, CapError> {
+        match self.tree.key(node).and_then(NodeKey::unpack) {
+            None => return Err(CapError::Inconsistent),
+            Some(NodeKey::Capability { .. }) => return Err(CapError::Inconsistent),
+            Some(_) => {}
+        }
+        let spaces = &mut self.spaces;
+        let mut clear = |id, key| dispatch_removed(spaces, id, key, false, on_cap, on_node);
+        Ok(self.tree.remove(node, &mut clear)?)
+    }
+
+    /// As [`CapSystem::revoke`], also reporting removed non-capability nodes to `on_node`.
+    pub fn revoke_with(
+        &mut self,
+        space: u32,
+        slot: u64,
+        on_cap: &mut impl FnMut(RemovedCap),
+        on_node: &mut impl FnMut(NodeId, NodeKey),
+    ) -> Result<usize, CapError> {
+        let node = self.get(space, slot)?.node();
+        let spaces = &mut self.spaces;
+        let mut clear = |id, key| dispatch_removed(spaces, id, key, false, on_cap, on_node);
+        Ok(self.tree.revoke(node, &mut clear)?)
+    }
+
+    /// As [`CapSystem::delete`], also reporting removed non-capability nodes to `on_node`.
+    pub fn delete_with(
+        &mut self,
+        space: u32,
+        slot: u64,
+        on_cap: &mut impl FnMut(RemovedCap),
+        on_node: &mut impl FnMut(NodeId, NodeKey),
+    ) -> Result<usize, CapError> {
+        let node = self.get(space, slot)?.node();
+        let is_root = self.tree.parent(node).is_none();
+        let spaces = &mut self.spaces;
+        let mut clear =
+            |id, key| dispatch_removed(spaces, id, key, id == node && is_root, on_cap, on_node);
+        Ok(self.tree.remove(node, &mut clear)?)
+    }
+
     /// Deletes every capability in `space` (and everything derived from them, wherever it is),
     /// so that the space id can be reused. Returns how many capabilities were removed.
     pub fn clear_space(
@@ -301,6 +367,22 @@ impl<S: NodeStorage, const SPACES: usize, const SLOTS: usize> CapSystem<S, SPACE
             }
         }
         Ok(removed)
+    }
+}
+
+/// Routes one removed tree node: capabilities to `clear_slot`, anything else to `on_node`.
+fn dispatch_removed<const SLOTS: usize>(
+    spaces: &mut [CapSpace<SLOTS>],
+    id: NodeId,
+    key: u64,
+    was_root: bool,
+    on_cap: &mut impl FnMut(RemovedCap),
+    on_node: &mut impl FnMut(NodeId, NodeKey),
+) {
+    match NodeKey::unpack(key) {
+        Some(NodeKey::Capability { .. }) => clear_slot(spaces, id, key, was_root, on_cap),
+        Some(other) => on_node(id, other),
+        None => {}
     }
 }
 

@@ -148,9 +148,14 @@ mod vec_storage {
     }
 
     impl VecStorage {
-        /// An empty, unlimited slab.
-        pub fn new() -> Self {
-            Self::default()
+        /// An empty, unlimited slab (`const`, so a kernel can keep it in a `static`).
+        pub const fn new() -> Self {
+            Self {
+                nodes: Vec::new(),
+                free_head: None,
+                free_count: 0,
+                limit: None,
+            }
         }
 
         /// An empty slab that never holds more than `limit` nodes.
