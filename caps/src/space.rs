@@ -254,6 +254,27 @@ impl<S: NodeStorage, const SPACES: usize, const SLOTS: usize> CapSystem<S, SPACE
         Ok(capability)
     }
 
+    /// Like [`CapSystem::delegate`], but the child names another object of the same kind: a
+    /// part of the source's object (a sub-range of memory, say). Revoking the source removes
+    /// it like any other child. Rights are `source rights & rights_mask`.
+    pub fn derive_object(
+        &mut self,
+        src_space: u32,
+        src_slot: u64,
+        dst_space: u32,
+        dst_slot: u64,
+        object: u32,
+        rights_mask: u32,
+    ) -> Result<Capability, CapError> {
+        let source = *self.get(src_space, src_slot)?;
+        let key = self.vacant_key(dst_space, dst_slot)?;
+        let node = self.tree.derive(source.node(), key)?;
+        let capability =
+            Capability::new(source.kind(), object, source.rights() & rights_mask, node);
+        self.space_mut(dst_space)?.fill(dst_slot, capability);
+        Ok(capability)
+    }
+
     /// Removes every capability derived from the one at (`space`, `slot`), in every space,
     /// reporting each (children before parents). The capability itself stays. Returns how many
     /// were removed.

@@ -112,6 +112,11 @@ fn send_ipi(apic_id: u32, low: u32) {
     }
 }
 
+/// A fixed-delivery IPI with `vector` to one CPU.
+pub fn send_fixed(apic_id: u32, vector: u8) {
+    send_ipi(apic_id, 0x4000 | u32::from(vector));
+}
+
 /// INIT IPI (level assert) to one CPU.
 pub fn send_init(apic_id: u32) {
     send_ipi(apic_id, 0x4500);

@@ -230,6 +230,19 @@ unsafe extern "C" {
     static ap_entry: u8;
     static __kernel_start: u8;
     static __kernel_end: u8;
+    static boot_pml4: u8;
+    static boot_stack_top: u8;
+}
+
+/// Top of the BSP's boot stack (its kernel stack for good).
+pub fn kernel_stack_top() -> u64 {
+    core::ptr::addr_of!(boot_stack_top) as u64
+}
+
+/// Physical address of the boot PML4, whose entry 0 (the kernel's identity map) every address
+/// space shares.
+pub fn kernel_pml4() -> u64 {
+    core::ptr::addr_of!(boot_pml4) as u64
 }
 
 /// The physical range `[start, end)` the kernel image occupies (all sections, with BSS).

@@ -11,10 +11,14 @@ use spin::Once;
 /// GDT selectors (the user ones are laid out for SYSCALL/SYSRET: SDM Vol. 2B, SYSRET).
 pub const KERNEL_CS: u16 = 0x08;
 pub const KERNEL_DS: u16 = 0x10;
+pub const USER_DS: u16 = 0x20 | 3;
+pub const USER_CS: u16 = 0x28 | 3;
 pub const TSS_SELECTOR: u16 = 0x30;
 
 /// Interrupt vectors the kernel uses.
 pub const VECTOR_TIMER: u8 = 0x20;
+pub const VECTOR_SHOOTDOWN: u8 = 0x21;
+pub const VECTOR_RESCHEDULE: u8 = 0x22;
 pub const VECTOR_SPURIOUS: u8 = 0xff;
 
 /// IST slots: 1 = double fault, 2 = NMI, 3 = machine check.
@@ -123,9 +127,32 @@ trap_stubs:
 
 trap_common:
     testb $3, 24(%rsp)
-    jz 1f
+    jz kernel_trap
+    /* From user mode: the CPU pushed the frame into the thread's context (TSS.RSP0). */
     swapgs
-1:  pushq %rax
+    pushq %rax
+    pushq %rbx
+    pushq %rcx
+    pushq %rdx
+    pushq %rsi
+    pushq %rdi
+    pushq %rbp
+    pushq %r8
+    pushq %r9
+    pushq %r10
+    pushq %r11
+    pushq %r12
+    pushq %r13
+    pushq %r14
+    pushq %r15
+    movq %rsp, %rdi
+    movq %gs:0, %rsp
+    cld
+    call trap_from_user
+    jmp return_to_user
+
+kernel_trap:
+    pushq %rax
     pushq %rbx
     pushq %rcx
     pushq %rdx
@@ -158,10 +185,30 @@ trap_common:
     popq %rcx
     popq %rbx
     popq %rax
-    testb $3, 24(%rsp)
-    jz 2f
+    addq $16, %rsp
+    iretq
+
+    /* Resumes the current thread from its saved frame (GS: context_base). */
+    .global return_to_user
+return_to_user:
+    movq %gs:24, %rsp
+    popq %r15
+    popq %r14
+    popq %r13
+    popq %r12
+    popq %r11
+    popq %r10
+    popq %r9
+    popq %r8
+    popq %rbp
+    popq %rdi
+    popq %rsi
+    popq %rdx
+    popq %rcx
+    popq %rbx
+    popq %rax
+    addq $16, %rsp
     swapgs
-2:  addq $16, %rsp
     iretq
 "#,
     options(att_syntax)
@@ -207,6 +254,9 @@ pub fn init_this_cpu() {
     }
     let tss: &'static mut Tss = Box::leak(tss);
     let tss_addr = tss as *mut Tss as u64;
+    percpu::current()
+        .tss
+        .store(tss_addr, core::sync::atomic::Ordering::Relaxed);
     let limit = (core::mem::size_of::<Tss>() - 1) as u64;
 
     let gdt: &'static mut [u64; 8] = Box::leak(Box::new([
@@ -243,6 +293,18 @@ pub fn init_this_cpu() {
     }
 }
 
+/// Sets where the CPU puts the frame of an interrupt or exception taken in user mode
+/// (TSS.RSP0): the end of the current thread's saved-register frame.
+pub fn set_user_trap_frame(top: u64) {
+    let tss = percpu::current().tss.load(core::sync::atomic::Ordering::Relaxed);
+    if tss == 0 {
+        return;
+    }
+    // SAFETY: `tss` is this CPU's TSS, leaked in `init_this_cpu` and written only by this CPU
+    // (with interrupts off in the kernel); RSP0 is the u64 at offset 4 of the packed struct.
+    unsafe { core::ptr::write_unaligned((tss + 4) as *mut u64, top) };
+}
+
 /// Names of the architectural exceptions (SDM Vol. 3A, Table 6-1).
 fn exception_name(vector: u64) -> &'static str {
     match vector {
@@ -270,7 +332,7 @@ fn exception_name(vector: u64) -> &'static str {
     }
 }
 
-/// Called by `trap_common` with the saved registers.
+/// Called by `trap_common` for a trap taken in kernel mode, with the saved registers.
 #[unsafe(no_mangle)]
 extern "C" fn trap_dispatch(frame: &mut TrapFrame) {
     match frame.vector {
@@ -280,6 +342,38 @@ extern "C" fn trap_dispatch(frame: &mut TrapFrame) {
                 .timer_ticks
                 .fetch_add(1, core::sync::atomic::Ordering::Relaxed);
             crate::apic::eoi();
+        }
+        v if v == VECTOR_SHOOTDOWN as u64 => {
+            crate::sched::shootdown_ack();
+            crate::apic::eoi();
+        }
+        v if v == VECTOR_RESCHEDULE as u64 => crate::apic::eoi(),
+        v if v == VECTOR_SPURIOUS as u64 => {}
+        _ => crate::apic::eoi(),
+    }
+}
+
+/// Called by `trap_common` for a trap taken in user mode; `frame` is the current thread's
+/// saved context. Afterwards the entry path resumes whatever thread is current then.
+#[unsafe(no_mangle)]
+extern "C" fn trap_from_user(frame: &mut TrapFrame) {
+    match frame.vector {
+        2 | 8 | 18 => exception(frame),
+        v if v < 32 => crate::sched::user_exception(frame.vector, frame.error_code, hw::read_cr2()),
+        v if v == VECTOR_TIMER as u64 => {
+            percpu::current()
+                .timer_ticks
+                .fetch_add(1, core::sync::atomic::Ordering::Relaxed);
+            crate::apic::eoi();
+            crate::sched::timer_tick();
+        }
+        v if v == VECTOR_SHOOTDOWN as u64 => {
+            crate::sched::shootdown_ack();
+            crate::apic::eoi();
+        }
+        v if v == VECTOR_RESCHEDULE as u64 => {
+            crate::apic::eoi();
+            crate::sched::reschedule_ipi();
         }
         v if v == VECTOR_SPURIOUS as u64 => {}
         _ => crate::apic::eoi(),

@@ -15,6 +15,9 @@ pub mod msr {
     pub const IA32_VMX_CR4_FIXED1: u32 = 0x489;
     pub const IA32_EFER: u32 = 0xc000_0080;
     pub const IA32_GS_BASE: u32 = 0xc000_0101;
+    pub const IA32_STAR: u32 = 0xc000_0081;
+    pub const IA32_LSTAR: u32 = 0xc000_0082;
+    pub const IA32_FMASK: u32 = 0xc000_0084;
     pub const X2APIC_BASE: u32 = 0x800;
 }
 
@@ -101,7 +104,6 @@ pub unsafe fn write_cr4(v: u64) {
     unsafe { asm!("mov cr4, {}", in(reg) v, options(nostack, preserves_flags)) };
 }
 
-#[expect(dead_code, reason = "user address spaces (issue 3) switch CR3")]
 /// Loads CR3, switching address space and flushing non-global TLB entries.
 ///
 /// # Safety
@@ -111,11 +113,52 @@ pub unsafe fn write_cr3(pml4: u64) {
     unsafe { asm!("mov cr3, {}", in(reg) pml4, options(nostack, preserves_flags)) };
 }
 
-#[expect(dead_code, reason = "user address spaces (issue 3) unmap pages")]
-/// Invalidates the TLB entry for one linear address.
-pub fn invlpg(addr: u64) {
-    // SAFETY: INVLPG only drops a cached translation.
-    unsafe { asm!("invlpg [{}]", in(reg) addr, options(nostack, preserves_flags)) };
+/// Writes XCR0.
+///
+/// # Safety
+/// CR4.OSXSAVE must be set and `value` must be a subset of CPUID.(EAX=0DH,ECX=0):EDX:EAX that
+/// includes x87 and keeps AVX only with SSE.
+pub unsafe fn xsetbv0(value: u64) {
+    // SAFETY: forwarded from the caller's contract.
+    unsafe {
+        asm!("xsetbv", in("ecx") 0u32, in("eax") value as u32, in("edx") (value >> 32) as u32,
+             options(nomem, nostack, preserves_flags))
+    };
+}
+
+/// Saves the FPU/SSE/AVX state into `area` with XSAVE (mask `features`), or FXSAVE when
+/// `features` is 0.
+///
+/// # Safety
+/// `area` must point to a 64-byte aligned, writable save area large enough for the features
+/// enabled in XCR0 (or 512 bytes for FXSAVE).
+pub unsafe fn fpu_save(area: *mut u8, features: u64) {
+    // SAFETY: forwarded from the caller's contract.
+    unsafe {
+        if features == 0 {
+            asm!("fxsave64 [{}]", in(reg) area, options(nostack, preserves_flags));
+        } else {
+            asm!("xsave64 [{}]", in(reg) area, in("eax") features as u32,
+                 in("edx") (features >> 32) as u32, options(nostack, preserves_flags));
+        }
+    }
+}
+
+/// Restores the FPU/SSE/AVX state from `area` (XRSTOR with mask `features`, or FXRSTOR).
+///
+/// # Safety
+/// `area` must hold a state saved by `fpu_save` with the same `features`, or a valid initial
+/// image (a correct XSAVE header; MXCSR without reserved bits).
+pub unsafe fn fpu_restore(area: *const u8, features: u64) {
+    // SAFETY: forwarded from the caller's contract.
+    unsafe {
+        if features == 0 {
+            asm!("fxrstor64 [{}]", in(reg) area, options(nostack, preserves_flags));
+        } else {
+            asm!("xrstor64 [{}]", in(reg) area, in("eax") features as u32,
+                 in("edx") (features >> 32) as u32, options(nostack, preserves_flags));
+        }
+    }
 }
 
 /// A descriptor-table register image for LGDT/LIDT.

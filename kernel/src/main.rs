@@ -9,13 +9,19 @@ mod apic;
 mod boot;
 mod bootinfo;
 mod cpu;
+mod entry;
+mod fpu;
 mod hw;
 mod memory;
+mod paging;
 mod percpu;
 mod phys;
+mod roottask;
+mod sched;
 mod scenario;
 mod serial;
 mod smp;
+mod syscall;
 mod vmx;
 
 use core::sync::atomic::Ordering;
@@ -73,8 +79,13 @@ extern "C" fn kernel_main(magic: u32, info_addr: u32) -> ! {
     }
 
     percpu::install(0, 0);
+    percpu::CPUS[0]
+        .kernel_stack_top
+        .store(boot::kernel_stack_top(), Ordering::Relaxed);
     cpu::init_this_cpu();
     enable_nx();
+    fpu::init_this_cpu();
+    entry::init_this_cpu();
     apic::disable_legacy_pic();
     apic::init_this_cpu(true);
     percpu::CPUS[0].apic_id.store(apic::id(), Ordering::Relaxed);
@@ -102,7 +113,7 @@ extern "C" fn kernel_main(magic: u32, info_addr: u32) -> ! {
     apic::start_timer(smp::TIMER_COUNT);
     percpu::CPUS[0].online.store(true, Ordering::Release);
     hw::enable_interrupts();
-    scenario::run(expected)
+    scenario::run(expected, info)
 }
 
 /// Sets EFER.NXE where the CPU has it (CPUID.80000001H:EDX[20]).

@@ -34,9 +34,26 @@ impl VmxState {
     }
 }
 
+/// Offsets of the fields the assembly entry paths read through GS (checked below).
+pub const GS_KERNEL_STACK: usize = 0;
+pub const GS_USER_RSP: usize = 8;
+pub const GS_CONTEXT_TOP: usize = 16;
+pub const GS_CONTEXT_BASE: usize = 24;
+
 /// One CPU's block. Fields are atomics so that any CPU may read another's state.
 #[repr(C, align(64))]
 pub struct PerCpu {
+    /// Top of this CPU's kernel stack: system calls and traps from user mode run here.
+    pub kernel_stack_top: AtomicU64,
+    /// The user RSP while the SYSCALL entry builds the frame.
+    pub user_rsp: AtomicU64,
+    /// End of the current thread's saved-register frame (the SYSCALL entry pushes below it;
+    /// TSS.RSP0 holds the same value for interrupts from user mode).
+    pub context_top: AtomicU64,
+    /// Start of the current thread's frame (where `return_to_user` pops from).
+    pub context_base: AtomicU64,
+    /// This CPU's TSS (to update RSP0 on a thread switch).
+    pub tss: AtomicU64,
     /// Index in `CPUS` (0 = the bootstrap processor).
     pub index: AtomicU32,
     /// Local APIC ID (x2APIC ID where x2APIC is on).
@@ -53,6 +70,11 @@ pub struct PerCpu {
 impl PerCpu {
     const fn new() -> Self {
         Self {
+            kernel_stack_top: AtomicU64::new(0),
+            user_rsp: AtomicU64::new(0),
+            context_top: AtomicU64::new(0),
+            context_base: AtomicU64::new(0),
+            tss: AtomicU64::new(0),
             index: AtomicU32::new(0),
             apic_id: AtomicU32::new(0),
             online: AtomicBool::new(false),
@@ -70,6 +92,13 @@ impl PerCpu {
         self.vmx.store(s as u32, Ordering::Release);
     }
 }
+
+const _: () = {
+    assert!(core::mem::offset_of!(PerCpu, kernel_stack_top) == GS_KERNEL_STACK);
+    assert!(core::mem::offset_of!(PerCpu, user_rsp) == GS_USER_RSP);
+    assert!(core::mem::offset_of!(PerCpu, context_top) == GS_CONTEXT_TOP);
+    assert!(core::mem::offset_of!(PerCpu, context_base) == GS_CONTEXT_BASE);
+};
 
 /// Every CPU's block.
 pub static CPUS: [PerCpu; MAX_CPUS] = [const { PerCpu::new() }; MAX_CPUS];

@@ -24,3 +24,62 @@ pub fn le_u32(b: &[u8], off: usize) -> Option<u32> {
 pub fn le_u64(b: &[u8], off: usize) -> Option<u64> {
     Some(u64::from_le_bytes(b.get(off..off + 8)?.try_into().ok()?))
 }
+
+/// Whether `[addr, addr + len)` lies inside the identity map.
+fn in_map(addr: u64, len: usize) -> bool {
+    addr.checked_add(len as u64).is_some_and(|end| end <= MAPPED_LIMIT)
+}
+
+/// Copies RAM at physical `addr` into `out`. Returns false (copying nothing) outside the map.
+///
+/// Callers pass frames they own or that a mapping they hold (under the kernel lock) refers to.
+pub fn read(addr: u64, out: &mut [u8]) -> bool {
+    if !in_map(addr, out.len()) {
+        return false;
+    }
+    // SAFETY: the range is inside the identity map (checked) and is RAM the caller owns or
+    // reaches through a mapping held under the kernel lock; byte copies have no alignment needs.
+    unsafe { core::ptr::copy_nonoverlapping(addr as *const u8, out.as_mut_ptr(), out.len()) };
+    true
+}
+
+/// Copies `data` to RAM at physical `addr`. Returns false (writing nothing) outside the map.
+pub fn write(addr: u64, data: &[u8]) -> bool {
+    if !in_map(addr, data.len()) {
+        return false;
+    }
+    // SAFETY: as for `read`; the caller owns the destination frames (kernel-allocated or held
+    // through a mapping under the kernel lock), so no Rust reference aliases them.
+    unsafe { core::ptr::copy_nonoverlapping(data.as_ptr(), addr as *mut u8, data.len()) };
+    true
+}
+
+/// Zeroes RAM at physical `addr`.
+pub fn zero(addr: u64, len: usize) -> bool {
+    if !in_map(addr, len) {
+        return false;
+    }
+    // SAFETY: as for `write`.
+    unsafe { core::ptr::write_bytes(addr as *mut u8, 0, len) };
+    true
+}
+
+/// Reads the u64 at physical `addr` (8-byte aligned, inside the map).
+pub fn read_u64(addr: u64) -> Option<u64> {
+    if addr % 8 != 0 || !in_map(addr, 8) {
+        return None;
+    }
+    // SAFETY: aligned and inside the identity map; page-table frames are only read and written
+    // as whole u64s, under the kernel lock.
+    Some(unsafe { core::ptr::read_volatile(addr as *const u64) })
+}
+
+/// Writes the u64 at physical `addr` (8-byte aligned, inside the map).
+pub fn write_u64(addr: u64, value: u64) -> bool {
+    if addr % 8 != 0 || !in_map(addr, 8) {
+        return false;
+    }
+    // SAFETY: as for `read_u64`.
+    unsafe { core::ptr::write_volatile(addr as *mut u64, value) };
+    true
+}

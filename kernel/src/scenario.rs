@@ -23,7 +23,7 @@ fn name() -> &'static str {
 
 /// Exits the emulator: Bochs on `Shutdown` written to port 0x8900, QEMU through
 /// isa-debug-exit on port 0xf4. On hardware, halts.
-fn shutdown(success: bool) -> ! {
+pub fn shutdown(success: bool) -> ! {
     Serial::unlocked().drain();
     for b in b"Shutdown" {
         hw::outb(0x8900, *b);
@@ -61,15 +61,19 @@ pub fn fail_unlocked(reason: fmt::Arguments<'_>) -> ! {
     shutdown(false)
 }
 
-/// Runs the chosen scenario on the BSP once the machine is up.
-pub fn run(expected_cpus: usize) -> ! {
+/// Runs the chosen scenario on the BSP once the machine is up: the kernel's own (`boot`,
+/// `fault`), or any other, which the root task runs.
+pub fn run(expected_cpus: usize, info: &crate::bootinfo::BootInfo) -> ! {
     match name() {
         "boot" => boot(expected_cpus),
         "fault" => fault(),
-        other => fail(format_args!(
-            "unknown scenario '{other}' (known: {})",
-            SCENARIOS.join(", ")
-        )),
+        other => match crate::roottask::create(info) {
+            Ok(thread) => crate::sched::start_first(thread),
+            Err(e) => fail(format_args!(
+                "scenario '{other}' is not one of the kernel's ({}) and needs the root task: {e}",
+                SCENARIOS.join(", ")
+            )),
+        },
     }
 }
 

@@ -52,7 +52,9 @@ pub fn start_aps(madt: &Madt, reserved_conflict: bool) -> usize {
             break;
         };
         CPUS[next].apic_id.store(id, Ordering::Relaxed);
-        write_trampoline_word(t.stack, stack + (AP_STACK_PAGES * memory::PAGE_SIZE) as u64);
+        let top = stack + (AP_STACK_PAGES * memory::PAGE_SIZE) as u64;
+        CPUS[next].kernel_stack_top.store(top, Ordering::Relaxed);
+        write_trampoline_word(t.stack, top);
         write_trampoline_word(t.cpu, next as u64);
 
         apic::send_init(id);
@@ -91,13 +93,12 @@ extern "C" fn ap_main(index: u64) -> ! {
     let apic_id = CPUS[index].apic_id.load(Ordering::Relaxed);
     percpu::install(index, apic_id);
     cpu::init_this_cpu();
+    crate::fpu::init_this_cpu();
+    crate::entry::init_this_cpu();
     apic::init_this_cpu(false);
     let state = vmx::init_this_cpu();
     log::debug!("cpu {index} (APIC {apic_id}) up, VMX {state:?}");
     apic::start_timer(TIMER_COUNT);
     CPUS[index].online.store(true, Ordering::Release);
-    hw::enable_interrupts();
-    loop {
-        hw::halt();
-    }
+    crate::sched::idle()
 }

@@ -5,6 +5,8 @@
 #![cfg_attr(not(test), no_std)]
 #![deny(unsafe_code)]
 
+pub mod elf;
+
 pub use caps::{
     CapError, EndpointRights, EptRights, MemoryRights, NotificationRights, ObjectKind,
     ProtectionDomainRights, ThreadRights, VcpuRights,

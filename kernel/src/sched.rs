@@ -1,0 +1,775 @@
+//! Kernel objects and the mechanisms over them: protection domains, threads, endpoints,
+//! notifications and memory; the per-CPU priority scheduler; IPC (call, reply, receive, with
+//! direct switches between threads on one CPU); faults as IPC; revocation with TLB shootdown.
+//!
+//! All kernel state sits behind one lock (`kernel()`), taken on every entry from user mode
+//! with interrupts off. A CPU spinning on it still answers TLB shootdowns, so the CPU holding
+//! it may wait for them.
+
+use crate::cpu::{self, TrapFrame};
+use crate::fpu::FpuArea;
+use crate::paging::{AddressSpace, MapError};
+use crate::percpu::{self, CPU_COUNT, CPUS, MAX_CPUS};
+use crate::{apic, entry, hw, memory, phys};
+use abi::{MessageInfo, Status};
+use alloc::boxed::Box;
+use alloc::collections::{BTreeMap, VecDeque};
+use alloc::vec::Vec;
+use caps::{CapSystem, NodeId, NodeKey, VecStorage};
+use core::sync::atomic::{AtomicBool, Ordering};
+use ept::entry::{PageSize, Rights};
+use spin::{Mutex, MutexGuard};
+
+/// Capability spaces (one per PD) and slots per space.
+pub const SPACES: usize = 64;
+pub const SLOTS: usize = 4096;
+const PRIORITIES: usize = 256;
+
+pub type Caps = CapSystem<VecStorage, SPACES, SLOTS>;
+
+/// A protection domain.
+pub struct Pd {
+    pub aspace: AddressSpace,
+    /// User mappings: virtual address -> (derivation node, page size).
+    pub mappings: BTreeMap<u64, (NodeId, PageSize)>,
+    /// CPUs that have this address space loaded now (bit per CPU index).
+    pub active_cpus: u64,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum State {
+    Suspended,
+    Ready,
+    Running,
+    SendBlocked(u32),
+    RecvBlocked(u32),
+    ReplyBlocked,
+    WaitBlocked(u32),
+}
+
+/// A thread. The saved user frame comes first and the struct is boxed, so the frame's address
+/// is stable: the entry paths push and pop it in place.
+#[repr(C, align(64))]
+pub struct Thread {
+    pub ctx: TrapFrame,
+    pub fpu: FpuArea,
+    pub pd: u32,
+    pub priority: u8,
+    pub cpu: usize,
+    pub state: State,
+    /// The thread whose call this thread must answer next.
+    pub caller: Option<u32>,
+    /// Endpoint (object index) that receives this thread's faults.
+    pub fault_endpoint: Option<u32>,
+    /// Set while the thread waits for its fault handler's reply; `fault_words` is the message.
+    pub in_fault: bool,
+    pub fault_words: [u64; 4],
+    /// Physical frame of the UTCB.
+    pub utcb: u64,
+}
+
+#[derive(Default)]
+pub struct Endpoint {
+    pub senders: VecDeque<u32>,
+    pub receivers: VecDeque<u32>,
+}
+
+#[derive(Default)]
+pub struct Notification {
+    pub count: u64,
+    pub waiters: VecDeque<u32>,
+}
+
+/// Memory: a naturally aligned block of 2^order frames.
+#[derive(Clone, Copy, Debug)]
+pub struct MemoryObject {
+    pub base: u64,
+    pub order: u8,
+}
+
+struct CpuSched {
+    current: Option<u32>,
+    ready: [VecDeque<u32>; PRIORITIES],
+    bitmap: [u64; PRIORITIES / 64],
+}
+
+impl CpuSched {
+    const fn new() -> Self {
+        Self {
+            current: None,
+            ready: [const { VecDeque::new() }; PRIORITIES],
+            bitmap: [0; PRIORITIES / 64],
+        }
+    }
+
+    fn push(&mut self, prio: u8, t: u32) {
+        self.ready[prio as usize].push_back(t);
+        self.bitmap[prio as usize / 64] |= 1 << (prio % 64);
+    }
+
+    fn highest(&self) -> Option<u8> {
+        (0..self.bitmap.len())
+            .rev()
+            .find(|&w| self.bitmap[w] != 0)
+            .map(|w| (w * 64 + 63 - self.bitmap[w].leading_zeros() as usize) as u8)
+    }
+
+    fn pop(&mut self) -> Option<u32> {
+        let p = self.highest()? as usize;
+        let t = self.ready[p].pop_front();
+        if self.ready[p].is_empty() {
+            self.bitmap[p / 64] &= !(1 << (p % 64));
+        }
+        t
+    }
+
+    fn remove(&mut self, prio: u8, t: u32) {
+        let q = &mut self.ready[prio as usize];
+        q.retain(|&x| x != t);
+        if q.is_empty() {
+            self.bitmap[prio as usize / 64] &= !(1 << (prio % 64));
+        }
+    }
+}
+
+/// Everything the kernel knows, behind the one lock.
+pub struct Kernel {
+    pub caps: Caps,
+    pub pds: Vec<Option<Pd>>,
+    pub threads: Vec<Option<Box<Thread>>>,
+    pub endpoints: Vec<Option<Endpoint>>,
+    pub notifications: Vec<Option<Notification>>,
+    pub memory: Vec<Option<MemoryObject>>,
+    cpus: [CpuSched; MAX_CPUS],
+}
+
+static KERNEL: Mutex<Kernel> = Mutex::new(Kernel {
+    caps: CapSystem::new(VecStorage::new()),
+    pds: Vec::new(),
+    threads: Vec::new(),
+    endpoints: Vec::new(),
+    notifications: Vec::new(),
+    memory: Vec::new(),
+    cpus: [const { CpuSched::new() }; MAX_CPUS],
+});
+
+static SHOOTDOWN_PENDING: [AtomicBool; MAX_CPUS] = [const { AtomicBool::new(false) }; MAX_CPUS];
+
+/// Takes the kernel lock, answering TLB shootdowns while waiting for it.
+pub fn kernel() -> MutexGuard<'static, Kernel> {
+    loop {
+        if let Some(g) = KERNEL.try_lock() {
+            return g;
+        }
+        shootdown_poll();
+        hw::pause();
+    }
+}
+
+fn this_cpu() -> usize {
+    percpu::current_index_or_zero()
+}
+
+fn shootdown_poll() {
+    if SHOOTDOWN_PENDING[this_cpu()].load(Ordering::Acquire) {
+        shootdown_ack();
+    }
+}
+
+/// Flushes this CPU's TLB (non-global entries) and acknowledges a shootdown request.
+pub fn shootdown_ack() {
+    // SAFETY: reloading CR3 with its current value only flushes non-global translations.
+    unsafe { hw::write_cr3(hw::read_cr3()) };
+    SHOOTDOWN_PENDING[this_cpu()].store(false, Ordering::Release);
+}
+
+fn insert<T>(table: &mut Vec<Option<T>>, value: T) -> u32 {
+    if let Some(i) = table.iter().position(Option::is_none) {
+        table[i] = Some(value);
+        i as u32
+    } else {
+        table.push(Some(value));
+        (table.len() - 1) as u32
+    }
+}
+
+/// Result of a system call for the calling thread.
+pub type SysResult = Result<(), Status>;
+
+impl Kernel {
+    pub fn thread(&self, t: u32) -> &Thread {
+        self.threads[t as usize].as_deref().expect("live thread id")
+    }
+
+    pub fn thread_mut(&mut self, t: u32) -> &mut Thread {
+        self.threads[t as usize]
+            .as_deref_mut()
+            .expect("live thread id")
+    }
+
+    /// The thread running on this CPU (a system call always has one).
+    pub fn current(&self) -> u32 {
+        self.cpus[this_cpu()].current.expect("a current thread")
+    }
+
+    pub fn current_opt(&self) -> Option<u32> {
+        self.cpus[this_cpu()].current
+    }
+
+    pub fn pd_of(&self, t: u32) -> u32 {
+        self.thread(t).pd
+    }
+
+    /// Creates a PD with a fresh capability space and address space.
+    pub fn create_pd(&mut self) -> Result<u32, Status> {
+        if self.pds.iter().filter(|p| p.is_some()).count() >= SPACES {
+            return Err(Status::OutOfMemory);
+        }
+        let aspace = AddressSpace::new().ok_or(Status::OutOfMemory)?;
+        Ok(insert(
+            &mut self.pds,
+            Pd { aspace, mappings: BTreeMap::new(), active_cpus: 0 },
+        ))
+    }
+
+    /// Creates a suspended thread in `pd` with its UTCB mapped at `utcb_vaddr`.
+    pub fn create_thread(
+        &mut self,
+        pd: u32,
+        entry: u64,
+        stack: u64,
+        utcb_vaddr: u64,
+        priority: u8,
+        cpu: usize,
+        fault_endpoint: Option<u32>,
+    ) -> Result<u32, Status> {
+        let utcb = memory::alloc_zeroed_pages(1).ok_or(Status::OutOfMemory)?;
+        phys::write_u64(utcb, abi::NO_SLOT);
+        let aspace = &self.pds[pd as usize].as_ref().ok_or(Status::Inconsistent)?.aspace;
+        if let Err(e) = aspace.map(utcb_vaddr, utcb, PageSize::Size4K, Rights::READ | Rights::WRITE) {
+            memory::free_pages(utcb, 1);
+            return Err(map_status(e));
+        }
+        let thread = Box::new(Thread {
+            ctx: entry::initial_frame(entry, stack),
+            fpu: FpuArea::initial(),
+            pd,
+            priority,
+            cpu,
+            state: State::Suspended,
+            caller: None,
+            fault_endpoint,
+            in_fault: false,
+            fault_words: [0; 4],
+            utcb,
+        });
+        Ok(insert(&mut self.threads, thread))
+    }
+
+    pub fn create_endpoint(&mut self) -> u32 {
+        insert(&mut self.endpoints, Endpoint::default())
+    }
+
+    pub fn create_notification(&mut self) -> u32 {
+        insert(&mut self.notifications, Notification::default())
+    }
+
+    pub fn create_memory(&mut self, base: u64, order: u8) -> u32 {
+        insert(&mut self.memory, MemoryObject { base, order })
+    }
+
+    // ---- scheduling ------------------------------------------------------------------------
+
+    /// Makes `t` runnable on its CPU (poking that CPU if it is another).
+    pub fn wake(&mut self, t: u32) {
+        let (cpu, prio) = {
+            let th = self.thread_mut(t);
+            th.state = State::Ready;
+            (th.cpu, th.priority)
+        };
+        self.cpus[cpu].push(prio, t);
+        if cpu != this_cpu() {
+            apic::send_fixed(CPUS[cpu].apic_id.load(Ordering::Relaxed), cpu::VECTOR_RESCHEDULE);
+        }
+    }
+
+    /// Switches this CPU to thread `next` (already removed from any queue).
+    pub fn switch_to(&mut self, next: u32) {
+        let me = this_cpu();
+        let prev = self.cpus[me].current;
+        if prev == Some(next) {
+            self.thread_mut(next).state = State::Running;
+            return;
+        }
+        let prev_pd = prev.map(|p| {
+            self.thread_mut(p).fpu.save();
+            self.thread(p).pd
+        });
+        let next_pd = self.thread(next).pd;
+        {
+            let t = self.thread_mut(next);
+            t.state = State::Running;
+            t.fpu.restore();
+        }
+        self.cpus[me].current = Some(next);
+        if prev_pd != Some(next_pd) {
+            if let Some(p) = prev_pd
+                && let Some(pd) = self.pds[p as usize].as_mut()
+            {
+                pd.active_cpus &= !(1 << me);
+            }
+            if let Some(pd) = self.pds[next_pd as usize].as_mut() {
+                pd.active_cpus |= 1 << me;
+                pd.aspace.activate();
+            }
+        }
+        let base = &self.thread(next).ctx as *const TrapFrame as u64;
+        let top = base + core::mem::size_of::<TrapFrame>() as u64;
+        let pc = percpu::current();
+        pc.context_base.store(base, Ordering::Relaxed);
+        pc.context_top.store(top, Ordering::Relaxed);
+        cpu::set_user_trap_frame(top);
+    }
+
+    /// The current thread stopped running (blocked or suspended): save its FPU state and
+    /// pick the next one, if any.
+    pub fn schedule(&mut self) {
+        let me = this_cpu();
+        if let Some(cur) = self.cpus[me].current
+            && self.thread(cur).state == State::Running
+        {
+            return;
+        }
+        match self.cpus[me].pop() {
+            Some(next) => self.switch_to(next),
+            None => {
+                if let Some(cur) = self.cpus[me].current.take() {
+                    self.thread_mut(cur).fpu.save();
+                    let pd = self.thread(cur).pd;
+                    if let Some(pd) = self.pds[pd as usize].as_mut() {
+                        pd.active_cpus &= !(1 << me);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Puts the running thread back in its queue and runs the best ready thread if it has at
+    /// least the same priority (round robin) or, with `only_higher`, a higher one.
+    fn preempt(&mut self, only_higher: bool) {
+        let me = this_cpu();
+        let Some(cur) = self.cpus[me].current else { return };
+        let prio = self.thread(cur).priority;
+        let better = match self.cpus[me].highest() {
+            Some(h) if only_higher => h > prio,
+            Some(h) => h >= prio,
+            None => false,
+        };
+        if better {
+            self.thread_mut(cur).state = State::Ready;
+            self.cpus[me].push(prio, cur);
+            if let Some(next) = self.cpus[me].pop() {
+                self.switch_to(next);
+            }
+        }
+    }
+
+    /// `Yield`: let an equal-priority thread run.
+    pub fn yield_now(&mut self) {
+        self.preempt(false);
+    }
+
+    /// Before resuming user mode: a current thread whose affinity moved elsewhere goes there.
+    fn settle(&mut self) {
+        let me = this_cpu();
+        if let Some(cur) = self.cpus[me].current
+            && self.thread(cur).cpu != me
+        {
+            self.thread_mut(cur).fpu.save();
+            self.cpus[me].current = None;
+            let pd = self.thread(cur).pd;
+            if let Some(pd) = self.pds[pd as usize].as_mut() {
+                pd.active_cpus &= !(1 << me);
+            }
+            self.wake(cur);
+            self.schedule();
+        }
+    }
+
+    /// Moves thread `t` to CPU `cpu`.
+    pub fn set_affinity(&mut self, t: u32, cpu: usize) {
+        let (old, state, prio) = {
+            let th = self.thread(t);
+            (th.cpu, th.state, th.priority)
+        };
+        if old == cpu {
+            return;
+        }
+        self.thread_mut(t).cpu = cpu;
+        match state {
+            State::Ready => {
+                self.cpus[old].remove(prio, t);
+                self.wake(t);
+            }
+            State::Running if old != this_cpu() => {
+                // It moves at its CPU's next kernel entry (`settle`), which this IPI forces.
+                apic::send_fixed(CPUS[old].apic_id.load(Ordering::Relaxed), cpu::VECTOR_RESCHEDULE);
+            }
+            _ => {}
+        }
+    }
+
+    // ---- IPC -------------------------------------------------------------------------------
+
+    /// Copies a message into `to`'s registers (and UTCB words); transfers a capability when
+    /// asked and possible. `from_ctx` supplies info and words for normal messages.
+    fn deliver(&mut self, from: u32, to: u32, info: MessageInfo, words: [u64; 4]) {
+        let mut out = MessageInfo::new(info.label(), info.extra_words());
+        let n = info.extra_words();
+        if n > 0 {
+            let mut buf = [0u8; abi::UTCB_WORDS * 8];
+            let off = core::mem::offset_of!(abi::Utcb, words) as u64;
+            let (src, dst) = (self.thread(from).utcb + off, self.thread(to).utcb + off);
+            phys::read(src, &mut buf[..n * 8]);
+            phys::write(dst, &buf[..n * 8]);
+        }
+        if info.transfers_capability() {
+            let slot = phys::read_u64(self.thread(to).utcb).unwrap_or(abi::NO_SLOT);
+            let from_space = self.thread(from).pd;
+            let to_space = self.thread(to).pd;
+            if slot != abi::NO_SLOT
+                && self
+                    .caps
+                    .delegate(from_space, u64::from(info.selector()), to_space, slot, u32::MAX)
+                    .is_ok()
+            {
+                out = out.with_capability(slot as u32);
+            }
+        }
+        let ctx = &mut self.thread_mut(to).ctx;
+        ctx.rax = Status::Ok.code();
+        ctx.rdi = 0;
+        ctx.rsi = out.0;
+        ctx.rdx = words[0];
+        ctx.r10 = words[1];
+        ctx.r8 = words[2];
+        ctx.r9 = words[3];
+    }
+
+    /// The message a blocked sender carries: its fault message, or its registers.
+    fn sender_message(&self, s: u32) -> (MessageInfo, [u64; 4]) {
+        let t = self.thread(s);
+        if t.in_fault {
+            (MessageInfo::new(abi::LABEL_FAULT, 0), t.fault_words)
+        } else {
+            let c = &t.ctx;
+            (MessageInfo(c.rsi), [c.rdx, c.r10, c.r8, c.r9])
+        }
+    }
+
+    /// Sends `from`'s message (already in its registers, or its fault) to endpoint `ep` as a
+    /// call: to a waiting receiver (switching to it directly on this CPU), or into the queue.
+    pub fn call(&mut self, from: u32, ep: u32) {
+        let receiver = self.endpoints[ep as usize]
+            .as_mut()
+            .and_then(|e| e.receivers.pop_front());
+        match receiver {
+            Some(r) => {
+                let (info, words) = self.sender_message(from);
+                self.deliver(from, r, info, words);
+                self.thread_mut(r).caller = Some(from);
+                self.thread_mut(from).state = State::ReplyBlocked;
+                if self.thread(r).cpu == this_cpu() {
+                    self.switch_to(r);
+                } else {
+                    self.wake(r);
+                    self.schedule();
+                }
+            }
+            None => {
+                if let Some(e) = self.endpoints[ep as usize].as_mut() {
+                    e.senders.push_back(from);
+                }
+                self.thread_mut(from).state = State::SendBlocked(ep);
+                self.schedule();
+            }
+        }
+    }
+
+    /// Answers `caller` on behalf of `me`; returns the caller (now ready, not yet queued).
+    fn reply_to(&mut self, me: u32, caller: u32, info: MessageInfo, words: [u64; 4]) {
+        if self.thread(caller).in_fault {
+            let t = self.thread_mut(caller);
+            t.in_fault = false;
+            if info.label() != abi::FAULT_RESUME {
+                t.state = State::Suspended;
+                return;
+            }
+        } else {
+            self.deliver(me, caller, info, words);
+        }
+        self.thread_mut(caller).state = State::Ready;
+    }
+
+    /// Reply (if `reply` and a caller waits), then receive on `ep`.
+    pub fn reply_recv(&mut self, me: u32, ep: u32, reply: Option<(MessageInfo, [u64; 4])>) {
+        let mut woken = None;
+        if let Some((info, words)) = reply
+            && let Some(c) = self.thread_mut(me).caller.take()
+        {
+            self.reply_to(me, c, info, words);
+            if self.thread(c).state == State::Ready {
+                woken = Some(c);
+            }
+        }
+        let sender = self.endpoints[ep as usize]
+            .as_mut()
+            .and_then(|e| e.senders.pop_front());
+        match sender {
+            Some(s) => {
+                let (info, words) = self.sender_message(s);
+                self.deliver(s, me, info, words);
+                self.thread_mut(me).caller = Some(s);
+                self.thread_mut(s).state = State::ReplyBlocked;
+                if let Some(c) = woken {
+                    self.wake(c);
+                }
+            }
+            None => {
+                if let Some(e) = self.endpoints[ep as usize].as_mut() {
+                    e.receivers.push_back(me);
+                }
+                self.thread_mut(me).state = State::RecvBlocked(ep);
+                match woken {
+                    Some(c) if self.thread(c).cpu == this_cpu() => self.switch_to(c),
+                    Some(c) => {
+                        self.wake(c);
+                        self.schedule();
+                    }
+                    None => self.schedule(),
+                }
+            }
+        }
+    }
+
+    /// Reply without receiving.
+    pub fn reply(&mut self, me: u32, info: MessageInfo, words: [u64; 4]) -> SysResult {
+        let c = self.thread_mut(me).caller.take().ok_or(Status::NoCaller)?;
+        self.reply_to(me, c, info, words);
+        if self.thread(c).state == State::Ready {
+            self.wake(c);
+        }
+        Ok(())
+    }
+
+    pub fn signal(&mut self, n: u32) {
+        let waiter = self.notifications[n as usize]
+            .as_mut()
+            .and_then(|x| x.waiters.pop_front());
+        match waiter {
+            Some(w) => {
+                self.thread_mut(w).ctx.rax = Status::Ok.code();
+                self.thread_mut(w).ctx.rdi = 1;
+                self.wake(w);
+                self.preempt(true);
+            }
+            None => {
+                if let Some(x) = self.notifications[n as usize].as_mut() {
+                    x.count += 1;
+                }
+            }
+        }
+    }
+
+    pub fn wait(&mut self, me: u32, n: u32) {
+        let Some(x) = self.notifications[n as usize].as_mut() else { return };
+        if x.count > 0 {
+            let c = core::mem::take(&mut x.count);
+            self.thread_mut(me).ctx.rdi = c;
+        } else {
+            x.waiters.push_back(me);
+            self.thread_mut(me).state = State::WaitBlocked(n);
+            self.schedule();
+        }
+    }
+
+    /// Takes `t` off whatever it waits on and suspends it.
+    pub fn suspend(&mut self, t: u32) {
+        let state = self.thread(t).state;
+        match state {
+            State::Ready => {
+                let (cpu, prio) = (self.thread(t).cpu, self.thread(t).priority);
+                self.cpus[cpu].remove(prio, t);
+            }
+            State::SendBlocked(ep) | State::RecvBlocked(ep) => {
+                if let Some(e) = self.endpoints[ep as usize].as_mut() {
+                    e.senders.retain(|&x| x != t);
+                    e.receivers.retain(|&x| x != t);
+                }
+            }
+            State::WaitBlocked(n) => {
+                if let Some(x) = self.notifications[n as usize].as_mut() {
+                    x.waiters.retain(|&x| x != t);
+                }
+            }
+            _ => {}
+        }
+        self.thread_mut(t).state = State::Suspended;
+        if state == State::Running {
+            if self.thread(t).cpu == this_cpu() && self.current_opt() == Some(t) {
+                self.schedule();
+            } else {
+                let cpu = self.thread(t).cpu;
+                apic::send_fixed(CPUS[cpu].apic_id.load(Ordering::Relaxed), cpu::VECTOR_RESCHEDULE);
+            }
+        }
+    }
+
+    pub fn resume(&mut self, t: u32) {
+        if self.thread(t).state == State::Suspended {
+            self.wake(t);
+            self.preempt(true);
+        }
+    }
+
+    // ---- memory ----------------------------------------------------------------------------
+
+    /// Flushes every CPU that may cache translations of `pd`.
+    pub fn shootdown(&mut self, pd: u32) {
+        let me = this_cpu();
+        let Some(p) = self.pds[pd as usize].as_ref() else { return };
+        let mask = p.active_cpus;
+        if mask & (1 << me) != 0 {
+            // SAFETY: reloading CR3 with its current value only flushes translations.
+            unsafe { hw::write_cr3(hw::read_cr3()) };
+        }
+        let others = mask & !(1 << me);
+        for c in 0..MAX_CPUS {
+            if others & (1 << c) != 0 {
+                SHOOTDOWN_PENDING[c].store(true, Ordering::Release);
+                apic::send_fixed(CPUS[c].apic_id.load(Ordering::Relaxed), cpu::VECTOR_SHOOTDOWN);
+            }
+        }
+        for c in 0..MAX_CPUS {
+            if others & (1 << c) != 0 {
+                let mut spins = 0u64;
+                while SHOOTDOWN_PENDING[c].load(Ordering::Acquire) {
+                    hw::pause();
+                    spins += 1;
+                    if spins == 1 << 32 {
+                        log::error!("shootdown: cpu {c} does not answer");
+                    }
+                }
+            }
+        }
+    }
+
+    /// Removes the mapping recorded by a derivation-tree node (called for every mapping a
+    /// revocation removes). Returns the PD to shoot down.
+    pub fn drop_mapping(&mut self, key: NodeKey) -> Option<u32> {
+        let NodeKey::Mapping { space, page, .. } = key else { return None };
+        let pd = self.pds.get_mut(space as usize)?.as_mut()?;
+        let vaddr = page << 12;
+        let (_, size) = pd.mappings.remove(&vaddr)?;
+        let _ = pd.aspace.unmap(vaddr, size);
+        Some(space)
+    }
+}
+
+pub fn map_status(e: MapError) -> Status {
+    match e {
+        MapError::AlreadyMapped => Status::AlreadyMapped,
+        MapError::NotMapped => Status::NotMapped,
+        MapError::OutOfMemory => Status::OutOfMemory,
+        MapError::Corrupt => Status::Inconsistent,
+    }
+}
+
+/// Number of CPUs online.
+pub fn cpu_count() -> usize {
+    CPU_COUNT.load(Ordering::Acquire) as usize
+}
+
+// ---- entries from user mode ------------------------------------------------------------------
+
+/// Finishes a kernel entry: settles migrations, then resumes the current thread, or idles.
+pub fn finish(mut k: MutexGuard<'static, Kernel>) {
+    k.settle();
+    if k.current_opt().is_some() {
+        drop(k);
+        return;
+    }
+    drop(k);
+    idle()
+}
+
+/// Runs the first ready thread on this CPU, halting until there is one.
+pub fn idle() -> ! {
+    loop {
+        hw::disable_interrupts();
+        let mut k = kernel();
+        k.schedule();
+        if k.current_opt().is_some() {
+            drop(k);
+            entry::enter_user();
+        }
+        drop(k);
+        // SAFETY: STI's one-instruction shadow makes "enable interrupts and halt" atomic, so
+        // a wake-up IPI that arrives after the check above still ends the HLT.
+        unsafe { core::arch::asm!("sti", "hlt", options(nomem, nostack)) };
+    }
+}
+
+/// Timer interrupt from user mode: round robin among equal priorities.
+pub fn timer_tick() {
+    let mut k = kernel();
+    k.preempt(false);
+    finish(k);
+}
+
+/// A reschedule IPI from user mode: a thread became ready here, or the current one moved.
+pub fn reschedule_ipi() {
+    let mut k = kernel();
+    k.preempt(true);
+    finish(k);
+}
+
+/// An exception in user mode: a fault message to the thread's handler, or suspension.
+pub fn user_exception(vector: u64, error: u64, cr2: u64) {
+    let mut k = kernel();
+    let me = k.current();
+    let rip = k.thread(me).ctx.rip;
+    let addr = if vector == 14 { cr2 } else { 0 };
+    match k.thread(me).fault_endpoint {
+        Some(ep) => {
+            let t = k.thread_mut(me);
+            t.in_fault = true;
+            t.fault_words = [vector, error, addr, rip];
+            k.call(me, ep);
+        }
+        None => {
+            log::warn!(
+                "thread {me} (pd {}) fault vector {vector} error {error:#x} address {addr:#x} rip {rip:#x}: no handler, suspended",
+                k.thread(me).pd
+            );
+            k.thread_mut(me).state = State::Suspended;
+            k.schedule();
+        }
+    }
+    finish(k);
+}
+
+/// Makes `t` run on this CPU now (used once, for the root task).
+pub fn start_first(t: u32) -> ! {
+    let mut k = kernel();
+    let cpu = k.thread(t).cpu;
+    if cpu == this_cpu() {
+        k.thread_mut(t).state = State::Ready;
+        k.switch_to(t);
+        drop(k);
+        entry::enter_user();
+    }
+    k.wake(t);
+    drop(k);
+    idle()
+}
