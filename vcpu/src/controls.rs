@@ -636,8 +636,8 @@ impl VmxCapabilities {
         let procbased_ctls2 = bit(primary1, 31).then(|| rdmsr(msr::IA32_VMX_PROCBASED_CTLS2));
         let procbased_ctls3 = bit(primary1, 17).then(|| rdmsr(msr::IA32_VMX_PROCBASED_CTLS3));
         let secondary1 = procbased_ctls2.unwrap_or(0) >> 32;
-        let ept_vpid_cap = (bit(secondary1, 1) || bit(secondary1, 5))
-            .then(|| rdmsr(msr::IA32_VMX_EPT_VPID_CAP));
+        let ept_vpid_cap =
+            (bit(secondary1, 1) || bit(secondary1, 5)).then(|| rdmsr(msr::IA32_VMX_EPT_VPID_CAP));
         let vmfunc = bit(secondary1, 13).then(|| rdmsr(msr::IA32_VMX_VMFUNC));
         VmxCapabilities {
             basic,
@@ -884,7 +884,12 @@ impl VmxCapabilities {
         required: &ControlSet,
         desired: &ControlSet,
     ) -> Result<ControlSet, NegotiationError> {
-        let fail = |class| move |e: ControlError| NegotiationError { class, missing: e.missing };
+        let fail = |class| {
+            move |e: ControlError| NegotiationError {
+                class,
+                missing: e.missing,
+            }
+        };
         let secondary = self
             .negotiate_secondary(required.secondary, desired.secondary)
             .map_err(fail(ControlClass::Secondary))?;
@@ -894,8 +899,14 @@ impl VmxCapabilities {
         let mut primary_required = required.primary;
         let mut primary_desired = desired.primary;
         for (active, flag) in [
-            (!secondary.is_empty(), ProcessorBasedControls::ACTIVATE_SECONDARY_CONTROLS),
-            (!tertiary.is_empty(), ProcessorBasedControls::ACTIVATE_TERTIARY_CONTROLS),
+            (
+                !secondary.is_empty(),
+                ProcessorBasedControls::ACTIVATE_SECONDARY_CONTROLS,
+            ),
+            (
+                !tertiary.is_empty(),
+                ProcessorBasedControls::ACTIVATE_TERTIARY_CONTROLS,
+            ),
         ] {
             primary_required.set(flag, active);
             primary_desired.set(flag, active);
@@ -980,7 +991,8 @@ impl VmxCapabilities {
     /// (SDM Vol. 3D §A.3.3, §A.3.4, §A.10, §A.11). BASIC, the CR fixed bits and VMCS_ENUM are
     /// kept: L1's guest runs on this processor.
     pub fn filtered(&self, features: &NestedFeatures) -> VmxCapabilities {
-        let control = |value: u64, mask: u64| AllowedSettings::from_msr(value).filtered(mask).to_msr();
+        let control =
+            |value: u64, mask: u64| AllowedSettings::from_msr(value).filtered(mask).to_msr();
         let pin = features.pin_based.bits() as u64;
         let primary = features.primary.bits() as u64;
         let exit = features.exit.bits() as u64;
@@ -1001,7 +1013,8 @@ impl VmxCapabilities {
             .procbased_ctls3
             .filter(|_| primary_allows(ProcessorBasedControls::ACTIVATE_TERTIARY_CONTROLS))
             .map(|v| v & features.tertiary.bits());
-        let secondary1 = SecondaryControls::from_bits_retain((procbased_ctls2.unwrap_or(0) >> 32) as u32);
+        let secondary1 =
+            SecondaryControls::from_bits_retain((procbased_ctls2.unwrap_or(0) >> 32) as u32);
         let ept = secondary1.contains(SecondaryControls::ENABLE_EPT);
         let vpid = secondary1.contains(SecondaryControls::ENABLE_VPID);
         let ept_vpid_cap = self.ept_vpid_cap.filter(|_| ept || vpid).map(|v| {
@@ -1169,14 +1182,18 @@ mod tests {
         let mut read = Vec::new();
         let caps = VmxCapabilities::from_msrs(|index| {
             read.push(index);
-            reference.msr(index).expect("read an MSR that does not exist")
+            reference
+                .msr(index)
+                .expect("read an MSR that does not exist")
         });
         assert_eq!(caps, reference);
         assert!(!read.contains(&msr::IA32_VMX_PROCBASED_CTLS3));
 
         let reference = kvm_like();
         let caps = VmxCapabilities::from_msrs(|index| {
-            reference.msr(index).expect("read an MSR that does not exist")
+            reference
+                .msr(index)
+                .expect("read an MSR that does not exist")
         });
         assert_eq!(caps, reference);
     }
@@ -1184,13 +1201,19 @@ mod tests {
     #[test]
     fn negotiation_sets_required_desired_allowed_and_must_be_one_bits() {
         // allowed0 = 0x16 (default1), allowed1 = 0x7f.
-        assert_eq!(negotiate(0x01, 0x20 | 0x80, 0x16, 0x7f), Ok(0x01 | 0x20 | 0x16));
+        assert_eq!(
+            negotiate(0x01, 0x20 | 0x80, 0x16, 0x7f),
+            Ok(0x01 | 0x20 | 0x16)
+        );
         assert_eq!(negotiate(0, 0, 0x16, 0x7f), Ok(0x16));
     }
 
     #[test]
     fn negotiation_fails_only_when_a_required_bit_is_not_allowed1() {
-        assert_eq!(negotiate(0x81, 0, 0x16, 0x7f), Err(ControlError { missing: 0x80 }));
+        assert_eq!(
+            negotiate(0x81, 0, 0x16, 0x7f),
+            Err(ControlError { missing: 0x80 })
+        );
         // Desired-but-unavailable bits are dropped silently.
         assert_eq!(negotiate(0x01, 0xff00, 0x16, 0x7f), Ok(0x17));
     }
@@ -1199,27 +1222,54 @@ mod tests {
     fn true_msrs_free_default1_bits_when_basic_bit_55_is_set() {
         let caps = bochs();
         // CR3-load/store exiting are default1: must be 1 in PROCBASED_CTLS, free in TRUE.
-        let cr3 = ProcessorBasedControls::CR3_LOAD_EXITING | ProcessorBasedControls::CR3_STORE_EXITING;
-        let primary = caps.negotiate_primary(ProcessorBasedControls::empty(), ProcessorBasedControls::empty());
+        let cr3 =
+            ProcessorBasedControls::CR3_LOAD_EXITING | ProcessorBasedControls::CR3_STORE_EXITING;
+        let primary = caps.negotiate_primary(
+            ProcessorBasedControls::empty(),
+            ProcessorBasedControls::empty(),
+        );
         assert!(!primary.unwrap().intersects(cr3));
         let mut no_true = caps;
         no_true.basic &= !VmxCapabilities::BASIC_TRUE_CONTROLS;
-        let primary = no_true.negotiate_primary(ProcessorBasedControls::empty(), ProcessorBasedControls::empty());
+        let primary = no_true.negotiate_primary(
+            ProcessorBasedControls::empty(),
+            ProcessorBasedControls::empty(),
+        );
         assert!(primary.unwrap().contains(cr3));
     }
 
     #[test]
     fn bochs_refuses_apicv_when_required_and_drops_it_when_desired() {
         let caps = bochs();
-        let apicv = SecondaryControls::VIRTUAL_INTERRUPT_DELIVERY | SecondaryControls::APIC_REGISTER_VIRTUALIZATION;
-        let err = caps.negotiate_secondary(SecondaryControls::ENABLE_EPT | apicv, SecondaryControls::empty());
-        assert_eq!(err, Err(ControlError { missing: apicv.bits() as u64 }));
-        let ok = caps.negotiate_secondary(SecondaryControls::ENABLE_EPT, apicv | SecondaryControls::ENABLE_VPID);
-        assert_eq!(ok, Ok(SecondaryControls::ENABLE_EPT | SecondaryControls::ENABLE_VPID));
-        assert!(!caps
-            .negotiate_pin_based(PinBasedControls::empty(), PinBasedControls::PROCESS_POSTED_INTERRUPTS)
-            .unwrap()
-            .contains(PinBasedControls::PROCESS_POSTED_INTERRUPTS));
+        let apicv = SecondaryControls::VIRTUAL_INTERRUPT_DELIVERY
+            | SecondaryControls::APIC_REGISTER_VIRTUALIZATION;
+        let err = caps.negotiate_secondary(
+            SecondaryControls::ENABLE_EPT | apicv,
+            SecondaryControls::empty(),
+        );
+        assert_eq!(
+            err,
+            Err(ControlError {
+                missing: apicv.bits() as u64
+            })
+        );
+        let ok = caps.negotiate_secondary(
+            SecondaryControls::ENABLE_EPT,
+            apicv | SecondaryControls::ENABLE_VPID,
+        );
+        assert_eq!(
+            ok,
+            Ok(SecondaryControls::ENABLE_EPT | SecondaryControls::ENABLE_VPID)
+        );
+        assert!(
+            !caps
+                .negotiate_pin_based(
+                    PinBasedControls::empty(),
+                    PinBasedControls::PROCESS_POSTED_INTERRUPTS
+                )
+                .unwrap()
+                .contains(PinBasedControls::PROCESS_POSTED_INTERRUPTS)
+        );
     }
 
     #[test]
@@ -1227,15 +1277,24 @@ mod tests {
         let caps = bochs();
         let required = ControlSet {
             pin_based: PinBasedControls::EXTERNAL_INTERRUPT_EXITING | PinBasedControls::NMI_EXITING,
-            primary: ProcessorBasedControls::USE_MSR_BITMAPS | ProcessorBasedControls::USE_IO_BITMAPS,
+            primary: ProcessorBasedControls::USE_MSR_BITMAPS
+                | ProcessorBasedControls::USE_IO_BITMAPS,
             secondary: SecondaryControls::ENABLE_EPT | SecondaryControls::UNRESTRICTED_GUEST,
             exit: ExitControls::HOST_ADDRESS_SPACE_SIZE,
             entry: EntryControls::LOAD_IA32_EFER,
             ..ControlSet::default()
         };
-        let set = caps.negotiate_all(&required, &ControlSet::default()).unwrap();
-        assert!(set.primary.contains(ProcessorBasedControls::ACTIVATE_SECONDARY_CONTROLS));
-        assert!(!set.primary.contains(ProcessorBasedControls::ACTIVATE_TERTIARY_CONTROLS));
+        let set = caps
+            .negotiate_all(&required, &ControlSet::default())
+            .unwrap();
+        assert!(
+            set.primary
+                .contains(ProcessorBasedControls::ACTIVATE_SECONDARY_CONTROLS)
+        );
+        assert!(
+            !set.primary
+                .contains(ProcessorBasedControls::ACTIVATE_TERTIARY_CONTROLS)
+        );
         assert!(caps.primary_settings().permits(set.primary.bits() as u64));
         assert!(caps.exit_settings().permits(set.exit.bits() as u64));
 
@@ -1243,17 +1302,28 @@ mod tests {
         too_much.tertiary = TertiaryControls::IPI_VIRTUALIZATION;
         assert_eq!(
             caps.negotiate_all(&too_much, &ControlSet::default()),
-            Err(NegotiationError { class: ControlClass::Tertiary, missing: 0x10 })
+            Err(NegotiationError {
+                class: ControlClass::Tertiary,
+                missing: 0x10
+            })
         );
         let kvm = kvm_like();
-        let set = kvm.negotiate_all(&too_much, &ControlSet::default()).unwrap();
-        assert!(set.primary.contains(ProcessorBasedControls::ACTIVATE_TERTIARY_CONTROLS));
+        let set = kvm
+            .negotiate_all(&too_much, &ControlSet::default())
+            .unwrap();
+        assert!(
+            set.primary
+                .contains(ProcessorBasedControls::ACTIVATE_TERTIARY_CONTROLS)
+        );
         assert_eq!(set.tertiary, TertiaryControls::IPI_VIRTUALIZATION);
         // kvm_like has no VPID: requiring it names the secondary class.
         too_much.secondary |= SecondaryControls::ENABLE_VPID;
         assert_eq!(
             kvm.negotiate_all(&too_much, &ControlSet::default()),
-            Err(NegotiationError { class: ControlClass::Secondary, missing: 1 << 5 })
+            Err(NegotiationError {
+                class: ControlClass::Secondary,
+                missing: 1 << 5
+            })
         );
     }
 
@@ -1298,7 +1368,8 @@ mod tests {
             primary: ProcessorBasedControls::HLT_EXITING
                 | ProcessorBasedControls::USE_MSR_BITMAPS
                 | ProcessorBasedControls::ACTIVATE_SECONDARY_CONTROLS,
-            secondary: SecondaryControls::ENABLE_EPT | SecondaryControls::VIRTUAL_INTERRUPT_DELIVERY,
+            secondary: SecondaryControls::ENABLE_EPT
+                | SecondaryControls::VIRTUAL_INTERRUPT_DELIVERY,
             exit: ExitControls::HOST_ADDRESS_SPACE_SIZE,
             entry: EntryControls::IA32E_MODE_GUEST,
             ept_vpid: EptVpidCapabilities::PAGE_WALK_LENGTH_4
@@ -1310,24 +1381,58 @@ mod tests {
         };
         let l1 = host.filtered(&features);
         let pairs = [
-            (host.pinbased_ctls, l1.pinbased_ctls, features.pin_based.bits()),
-            (host.procbased_ctls, l1.procbased_ctls, features.primary.bits()),
+            (
+                host.pinbased_ctls,
+                l1.pinbased_ctls,
+                features.pin_based.bits(),
+            ),
+            (
+                host.procbased_ctls,
+                l1.procbased_ctls,
+                features.primary.bits(),
+            ),
             (host.exit_ctls, l1.exit_ctls, features.exit.bits()),
             (host.entry_ctls, l1.entry_ctls, features.entry.bits()),
-            (host.true_pinbased_ctls.unwrap(), l1.true_pinbased_ctls.unwrap(), features.pin_based.bits()),
-            (host.true_procbased_ctls.unwrap(), l1.true_procbased_ctls.unwrap(), features.primary.bits()),
-            (host.true_exit_ctls.unwrap(), l1.true_exit_ctls.unwrap(), features.exit.bits()),
-            (host.true_entry_ctls.unwrap(), l1.true_entry_ctls.unwrap(), features.entry.bits()),
+            (
+                host.true_pinbased_ctls.unwrap(),
+                l1.true_pinbased_ctls.unwrap(),
+                features.pin_based.bits(),
+            ),
+            (
+                host.true_procbased_ctls.unwrap(),
+                l1.true_procbased_ctls.unwrap(),
+                features.primary.bits(),
+            ),
+            (
+                host.true_exit_ctls.unwrap(),
+                l1.true_exit_ctls.unwrap(),
+                features.exit.bits(),
+            ),
+            (
+                host.true_entry_ctls.unwrap(),
+                l1.true_entry_ctls.unwrap(),
+                features.entry.bits(),
+            ),
         ];
         for (host_msr, l1_msr, mask) in pairs {
-            let (h, f) = (AllowedSettings::from_msr(host_msr), AllowedSettings::from_msr(l1_msr));
+            let (h, f) = (
+                AllowedSettings::from_msr(host_msr),
+                AllowedSettings::from_msr(l1_msr),
+            );
             assert_eq!(f.allowed0, h.allowed0);
             assert_eq!(f.allowed1, h.allowed1 & (mask as u64 | h.allowed0));
-            assert_eq!(f.allowed1 & !h.allowed1, 0, "never more than the host allows");
+            assert_eq!(
+                f.allowed1 & !h.allowed1,
+                0,
+                "never more than the host allows"
+            );
         }
         let secondary = AllowedSettings::from_msr(l1.procbased_ctls2.unwrap());
         // The host lacks virtual-interrupt delivery: the mask cannot add it.
-        assert_eq!(secondary.allowed1, SecondaryControls::ENABLE_EPT.bits() as u64);
+        assert_eq!(
+            secondary.allowed1,
+            SecondaryControls::ENABLE_EPT.bits() as u64
+        );
         // VPID is not allowed to L1, so the VPID half vanishes; VM functions vanish too.
         assert_eq!(
             l1.ept_vpid(),

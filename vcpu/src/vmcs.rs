@@ -574,7 +574,7 @@ impl VmcsField {
     }
 
     /// Whether the field is a read-only VM-exit information field (VMWRITE to it fails with
-    /// error 13 unless IA32_VMX_MISC[29] is set).
+    /// error 13 unless IA32_VMX_MISC\[29\] is set).
     pub const fn is_read_only(self) -> bool {
         matches!(self.field_type(), FieldType::ExitInformation)
     }
@@ -613,7 +613,11 @@ impl VmcsField {
         let full = VmcsField(encoding & !1);
         let position = full.position()?;
         let field = ALL_FIELDS[position];
-        if encoding & 1 == 0 { Some(field) } else { field.high() }
+        if encoding & 1 == 0 {
+            Some(field)
+        } else {
+            field.high()
+        }
     }
 
     /// Position of the (full) field in [`ALL_FIELDS`] and [`FIELD_DESCRIPTORS`].
@@ -734,6 +738,7 @@ impl VmcsAccess for VmcsImage {
 bitflags::bitflags! {
     /// Guest interruptibility state (SDM Vol. 3C §25.4.2, "Guest Non-Register State").
     #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+    #[repr(transparent)]
     pub struct Interruptibility: u32 {
         /// Blocking by STI.
         const BLOCKING_BY_STI = 1 << 0;
@@ -870,7 +875,12 @@ impl VmInstructionError {
 
 impl fmt::Display for VmInstructionError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "VM-instruction error {}: {}", self.number(), self.description())
+        write!(
+            f,
+            "VM-instruction error {}: {}",
+            self.number(),
+            self.description()
+        )
     }
 }
 
@@ -891,20 +901,31 @@ mod tests {
             assert_eq!(f.width(), d.width, "{}", d.name);
             assert_eq!(f.field_type(), d.field_type, "{}", d.name);
             assert_eq!(f.access_type(), AccessType::Full, "{}", d.name);
-            assert_eq!(f.encoding() & VmcsField::RESERVED_ENCODING_BITS, 0, "{}", d.name);
+            assert_eq!(
+                f.encoding() & VmcsField::RESERVED_ENCODING_BITS,
+                0,
+                "{}",
+                d.name
+            );
             assert_eq!(
                 VmcsField::compose(d.width, d.field_type, f.index(), AccessType::Full),
                 f.encoding(),
                 "{}",
                 d.name
             );
-            assert_eq!(VmcsField::from_encoding(f.encoding()), Some(f), "{}", d.name);
+            assert_eq!(
+                VmcsField::from_encoding(f.encoding()),
+                Some(f),
+                "{}",
+                d.name
+            );
             assert_eq!(f.name(), d.name);
             // Names follow the type: host fields say HOST, guest fields are guest state.
             if d.name.starts_with("HOST_") {
                 assert_eq!(d.field_type, FieldType::HostState, "{}", d.name);
             }
-            if d.name.starts_with("GUEST_") && d.name != "GUEST_PHYSICAL_ADDRESS" {
+            let exit_information = ["GUEST_PHYSICAL_ADDRESS", "GUEST_LINEAR_ADDRESS"];
+            if d.name.starts_with("GUEST_") && !exit_information.contains(&d.name) {
                 assert!(
                     matches!(d.field_type, FieldType::GuestState),
                     "{} is not guest state",
@@ -938,37 +959,223 @@ mod tests {
     #[test]
     fn encodings_match_sdm_appendix_b_for_representative_fields() {
         let table: &[(VmcsField, u32, FieldWidth, FieldType, u16)] = &[
-            (VmcsField::VIRTUAL_PROCESSOR_ID, 0x0000, FieldWidth::Bits16, FieldType::Control, 0),
-            (VmcsField::GUEST_TR_SELECTOR, 0x080E, FieldWidth::Bits16, FieldType::GuestState, 7),
-            (VmcsField::PML_INDEX, 0x0812, FieldWidth::Bits16, FieldType::GuestState, 9),
-            (VmcsField::HOST_TR_SELECTOR, 0x0C0C, FieldWidth::Bits16, FieldType::HostState, 6),
-            (VmcsField::IO_BITMAP_A_ADDRESS, 0x2000, FieldWidth::Bits64, FieldType::Control, 0),
-            (VmcsField::MSR_BITMAPS_ADDRESS, 0x2004, FieldWidth::Bits64, FieldType::Control, 2),
-            (VmcsField::PML_ADDRESS, 0x200E, FieldWidth::Bits64, FieldType::Control, 7),
-            (VmcsField::POSTED_INTERRUPT_DESCRIPTOR_ADDRESS, 0x2016, FieldWidth::Bits64, FieldType::Control, 11),
-            (VmcsField::EPT_POINTER, 0x201A, FieldWidth::Bits64, FieldType::Control, 13),
-            (VmcsField::VMREAD_BITMAP_ADDRESS, 0x2026, FieldWidth::Bits64, FieldType::Control, 19),
-            (VmcsField::VMWRITE_BITMAP_ADDRESS, 0x2028, FieldWidth::Bits64, FieldType::Control, 20),
-            (VmcsField::GUEST_PHYSICAL_ADDRESS, 0x2400, FieldWidth::Bits64, FieldType::ExitInformation, 0),
-            (VmcsField::VMCS_LINK_POINTER, 0x2800, FieldWidth::Bits64, FieldType::GuestState, 0),
-            (VmcsField::GUEST_IA32_EFER, 0x2806, FieldWidth::Bits64, FieldType::GuestState, 3),
-            (VmcsField::HOST_IA32_EFER, 0x2C02, FieldWidth::Bits64, FieldType::HostState, 1),
-            (VmcsField::PIN_BASED_VM_EXECUTION_CONTROLS, 0x4000, FieldWidth::Bits32, FieldType::Control, 0),
-            (VmcsField::SECONDARY_PROCESSOR_BASED_VM_EXECUTION_CONTROLS, 0x401E, FieldWidth::Bits32, FieldType::Control, 15),
-            (VmcsField::VM_INSTRUCTION_ERROR, 0x4400, FieldWidth::Bits32, FieldType::ExitInformation, 0),
-            (VmcsField::EXIT_REASON, 0x4402, FieldWidth::Bits32, FieldType::ExitInformation, 1),
-            (VmcsField::VM_EXIT_INSTRUCTION_INFORMATION, 0x440E, FieldWidth::Bits32, FieldType::ExitInformation, 7),
-            (VmcsField::GUEST_INTERRUPTIBILITY_STATE, 0x4824, FieldWidth::Bits32, FieldType::GuestState, 18),
-            (VmcsField::GUEST_ACTIVITY_STATE, 0x4826, FieldWidth::Bits32, FieldType::GuestState, 19),
-            (VmcsField::VMX_PREEMPTION_TIMER_VALUE, 0x482E, FieldWidth::Bits32, FieldType::GuestState, 23),
-            (VmcsField::HOST_IA32_SYSENTER_CS, 0x4C00, FieldWidth::Bits32, FieldType::HostState, 0),
-            (VmcsField::CR0_GUEST_HOST_MASK, 0x6000, FieldWidth::Natural, FieldType::Control, 0),
-            (VmcsField::EXIT_QUALIFICATION, 0x6400, FieldWidth::Natural, FieldType::ExitInformation, 0),
-            (VmcsField::GUEST_LINEAR_ADDRESS, 0x640A, FieldWidth::Natural, FieldType::ExitInformation, 5),
-            (VmcsField::GUEST_CR0, 0x6800, FieldWidth::Natural, FieldType::GuestState, 0),
-            (VmcsField::GUEST_RIP, 0x681E, FieldWidth::Natural, FieldType::GuestState, 15),
-            (VmcsField::GUEST_PENDING_DEBUG_EXCEPTIONS, 0x6822, FieldWidth::Natural, FieldType::GuestState, 17),
-            (VmcsField::HOST_RIP, 0x6C16, FieldWidth::Natural, FieldType::HostState, 11),
+            (
+                VmcsField::VIRTUAL_PROCESSOR_ID,
+                0x0000,
+                FieldWidth::Bits16,
+                FieldType::Control,
+                0,
+            ),
+            (
+                VmcsField::GUEST_TR_SELECTOR,
+                0x080E,
+                FieldWidth::Bits16,
+                FieldType::GuestState,
+                7,
+            ),
+            (
+                VmcsField::PML_INDEX,
+                0x0812,
+                FieldWidth::Bits16,
+                FieldType::GuestState,
+                9,
+            ),
+            (
+                VmcsField::HOST_TR_SELECTOR,
+                0x0C0C,
+                FieldWidth::Bits16,
+                FieldType::HostState,
+                6,
+            ),
+            (
+                VmcsField::IO_BITMAP_A_ADDRESS,
+                0x2000,
+                FieldWidth::Bits64,
+                FieldType::Control,
+                0,
+            ),
+            (
+                VmcsField::MSR_BITMAPS_ADDRESS,
+                0x2004,
+                FieldWidth::Bits64,
+                FieldType::Control,
+                2,
+            ),
+            (
+                VmcsField::PML_ADDRESS,
+                0x200E,
+                FieldWidth::Bits64,
+                FieldType::Control,
+                7,
+            ),
+            (
+                VmcsField::POSTED_INTERRUPT_DESCRIPTOR_ADDRESS,
+                0x2016,
+                FieldWidth::Bits64,
+                FieldType::Control,
+                11,
+            ),
+            (
+                VmcsField::EPT_POINTER,
+                0x201A,
+                FieldWidth::Bits64,
+                FieldType::Control,
+                13,
+            ),
+            (
+                VmcsField::VMREAD_BITMAP_ADDRESS,
+                0x2026,
+                FieldWidth::Bits64,
+                FieldType::Control,
+                19,
+            ),
+            (
+                VmcsField::VMWRITE_BITMAP_ADDRESS,
+                0x2028,
+                FieldWidth::Bits64,
+                FieldType::Control,
+                20,
+            ),
+            (
+                VmcsField::GUEST_PHYSICAL_ADDRESS,
+                0x2400,
+                FieldWidth::Bits64,
+                FieldType::ExitInformation,
+                0,
+            ),
+            (
+                VmcsField::VMCS_LINK_POINTER,
+                0x2800,
+                FieldWidth::Bits64,
+                FieldType::GuestState,
+                0,
+            ),
+            (
+                VmcsField::GUEST_IA32_EFER,
+                0x2806,
+                FieldWidth::Bits64,
+                FieldType::GuestState,
+                3,
+            ),
+            (
+                VmcsField::HOST_IA32_EFER,
+                0x2C02,
+                FieldWidth::Bits64,
+                FieldType::HostState,
+                1,
+            ),
+            (
+                VmcsField::PIN_BASED_VM_EXECUTION_CONTROLS,
+                0x4000,
+                FieldWidth::Bits32,
+                FieldType::Control,
+                0,
+            ),
+            (
+                VmcsField::SECONDARY_PROCESSOR_BASED_VM_EXECUTION_CONTROLS,
+                0x401E,
+                FieldWidth::Bits32,
+                FieldType::Control,
+                15,
+            ),
+            (
+                VmcsField::VM_INSTRUCTION_ERROR,
+                0x4400,
+                FieldWidth::Bits32,
+                FieldType::ExitInformation,
+                0,
+            ),
+            (
+                VmcsField::EXIT_REASON,
+                0x4402,
+                FieldWidth::Bits32,
+                FieldType::ExitInformation,
+                1,
+            ),
+            (
+                VmcsField::VM_EXIT_INSTRUCTION_INFORMATION,
+                0x440E,
+                FieldWidth::Bits32,
+                FieldType::ExitInformation,
+                7,
+            ),
+            (
+                VmcsField::GUEST_INTERRUPTIBILITY_STATE,
+                0x4824,
+                FieldWidth::Bits32,
+                FieldType::GuestState,
+                18,
+            ),
+            (
+                VmcsField::GUEST_ACTIVITY_STATE,
+                0x4826,
+                FieldWidth::Bits32,
+                FieldType::GuestState,
+                19,
+            ),
+            (
+                VmcsField::VMX_PREEMPTION_TIMER_VALUE,
+                0x482E,
+                FieldWidth::Bits32,
+                FieldType::GuestState,
+                23,
+            ),
+            (
+                VmcsField::HOST_IA32_SYSENTER_CS,
+                0x4C00,
+                FieldWidth::Bits32,
+                FieldType::HostState,
+                0,
+            ),
+            (
+                VmcsField::CR0_GUEST_HOST_MASK,
+                0x6000,
+                FieldWidth::Natural,
+                FieldType::Control,
+                0,
+            ),
+            (
+                VmcsField::EXIT_QUALIFICATION,
+                0x6400,
+                FieldWidth::Natural,
+                FieldType::ExitInformation,
+                0,
+            ),
+            (
+                VmcsField::GUEST_LINEAR_ADDRESS,
+                0x640A,
+                FieldWidth::Natural,
+                FieldType::ExitInformation,
+                5,
+            ),
+            (
+                VmcsField::GUEST_CR0,
+                0x6800,
+                FieldWidth::Natural,
+                FieldType::GuestState,
+                0,
+            ),
+            (
+                VmcsField::GUEST_RIP,
+                0x681E,
+                FieldWidth::Natural,
+                FieldType::GuestState,
+                15,
+            ),
+            (
+                VmcsField::GUEST_PENDING_DEBUG_EXCEPTIONS,
+                0x6822,
+                FieldWidth::Natural,
+                FieldType::GuestState,
+                17,
+            ),
+            (
+                VmcsField::HOST_RIP,
+                0x6C16,
+                FieldWidth::Natural,
+                FieldType::HostState,
+                11,
+            ),
         ];
         for &(field, encoding, width, ty, index) in table {
             assert_eq!(field.encoding(), encoding, "{field:?}");
@@ -981,7 +1188,15 @@ mod tests {
     #[test]
     fn unsupported_or_malformed_encodings_are_rejected_like_vmfail_12() {
         // Reserved bit 12, bits 31:15, an unlisted index, the gap at 0x482C.
-        for enc in [0x1000, 0x0000_8000, 0x8000_0000, 0x4826 | 0x1000, 0x482C, 0x0816, 0x6C1E] {
+        for enc in [
+            0x1000,
+            0x0000_8000,
+            0x8000_0000,
+            0x4826 | 0x1000,
+            0x482C,
+            0x0816,
+            0x6C1E,
+        ] {
             assert_eq!(VmcsField::from_encoding(enc), None, "{enc:#x}");
         }
     }
@@ -989,7 +1204,10 @@ mod tests {
     #[test]
     fn read_only_fields_are_exactly_the_exit_information_type() {
         for &f in ALL_FIELDS {
-            assert_eq!(f.is_read_only(), f.field_type() == FieldType::ExitInformation);
+            assert_eq!(
+                f.is_read_only(),
+                f.field_type() == FieldType::ExitInformation
+            );
         }
         assert!(VmcsField::EXIT_REASON.is_read_only());
         assert!(!VmcsField::GUEST_RIP.is_read_only());
@@ -1040,7 +1258,11 @@ mod tests {
             assert_eq!(E::from_number(reserved), None);
         }
         assert_eq!(E::ALL.len(), 25);
-        assert!(E::ALL.iter().all(|e| E::from_number(e.number()) == Some(*e)));
+        assert!(
+            E::ALL
+                .iter()
+                .all(|e| E::from_number(e.number()) == Some(*e))
+        );
     }
 
     #[test]

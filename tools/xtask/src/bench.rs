@@ -105,7 +105,8 @@ pub fn run(args: &[String]) -> Result<u8, String> {
     if let Some(a) = args.iter().find(|a| *a != "--quick") {
         return Err(format!("unknown option '{a}' (bench takes --quick)"));
     }
-    let figures = host_benchmarks(quick)?;
+    let mut figures = host_benchmarks(quick)?;
+    figures.extend(crate::emulator_bench::run()?);
 
     println!(
         "\n{:<58} {:>16} {:<14} {:<14} ok",

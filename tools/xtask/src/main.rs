@@ -4,6 +4,7 @@
 mod bench;
 mod deps;
 mod emulator;
+mod emulator_bench;
 mod image;
 mod test;
 

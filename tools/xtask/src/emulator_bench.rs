@@ -1,0 +1,84 @@
+//! Benchmark scenarios in Bochs, where RDTSC counts executed instructions: the figures are
+//! emulated cycles, repeatable from run to run. Each scenario prints `NAME: VALUE cycles`.
+
+use crate::bench::Figure;
+use crate::emulator::{self, Verdict};
+use crate::{Emulator, RunSpec, step};
+
+/// A figure a scenario prints: the line prefix, the name in the table, and its target.
+struct Metric {
+    prefix: &'static str,
+    name: &'static str,
+    /// Upper bound in emulated cycles, if the figure has a target.
+    at_most: Option<f64>,
+}
+
+struct BenchScenario {
+    scenario: &'static str,
+    cpus: u32,
+    metrics: &'static [Metric],
+}
+
+const SCENARIOS: &[BenchScenario] = &[BenchScenario {
+    scenario: "ipc-bench",
+    cpus: 1,
+    metrics: &[
+        Metric {
+            prefix: "ipc round trip: ",
+            name: "ipc-bench: call+reply, two PDs, one CPU (median)",
+            at_most: Some(1000.0),
+        },
+        Metric {
+            prefix: "ipc round trip (same domain): ",
+            name: "ipc-bench: call+reply, one PD, one CPU (median)",
+            at_most: None,
+        },
+    ],
+}];
+
+/// Parses the number after `prefix` on a console line ("... 412 cycles").
+fn value_after(line: &str, prefix: &str) -> Option<f64> {
+    let at = line.find(prefix)? + prefix.len();
+    line[at..].split_whitespace().next()?.parse().ok()
+}
+
+pub fn run() -> Result<Vec<Figure>, String> {
+    let mut figures = Vec::new();
+    for b in SCENARIOS {
+        let mut spec = RunSpec {
+            scenario: b.scenario.into(),
+            emulator: Emulator::Bochs,
+            cpus: b.cpus,
+            uefi: false,
+            timeout_secs: 0,
+            kernel_args: Vec::new(),
+            stream: false,
+        };
+        spec.timeout_secs = emulator::default_timeout(&spec);
+        step!("benchmark scenario {} on Bochs", b.scenario);
+        let outcome = emulator::run(&spec)?;
+        if outcome.verdict != Verdict::Pass {
+            return Err(format!(
+                "benchmark scenario {} did not pass: {:?} (log {})",
+                b.scenario,
+                outcome.verdict,
+                outcome.log.display()
+            ));
+        }
+        for m in b.metrics {
+            let value = outcome
+                .lines
+                .iter()
+                .find_map(|l| value_after(l, m.prefix))
+                .ok_or_else(|| format!("{} printed no '{}' line", b.scenario, m.prefix.trim()))?;
+            figures.push(Figure {
+                name: m.name.into(),
+                value,
+                unit: "emulated cycles".into(),
+                target: m.at_most.map(|t| format!("<= {t}")).unwrap_or_default(),
+                ok: m.at_most.is_none_or(|t| value <= t),
+            });
+        }
+    }
+    Ok(figures)
+}
