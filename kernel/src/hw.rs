@@ -8,11 +8,6 @@ use core::arch::asm;
 pub mod msr {
     pub const IA32_FEATURE_CONTROL: u32 = 0x3a;
     pub const IA32_APIC_BASE: u32 = 0x1b;
-    pub const IA32_VMX_BASIC: u32 = 0x480;
-    pub const IA32_VMX_CR0_FIXED0: u32 = 0x486;
-    pub const IA32_VMX_CR0_FIXED1: u32 = 0x487;
-    pub const IA32_VMX_CR4_FIXED0: u32 = 0x488;
-    pub const IA32_VMX_CR4_FIXED1: u32 = 0x489;
     pub const IA32_EFER: u32 = 0xc000_0080;
     pub const IA32_GS_BASE: u32 = 0xc000_0101;
     pub const IA32_STAR: u32 = 0xc000_0081;

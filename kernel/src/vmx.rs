@@ -5,6 +5,7 @@
 use crate::hw::{self, msr};
 use crate::memory;
 use crate::percpu::{self, VmxState};
+use vcpu::controls::{SecondaryControls, VmxCapabilities};
 
 const CPUID_1_ECX_VMX: u32 = 1 << 5;
 const FEATURE_CONTROL_LOCK: u64 = 1 << 0;
@@ -37,18 +38,10 @@ fn enter_root() -> VmxState {
         return VmxState::DisabledByFirmware;
     }
 
-    let fixed = |v: u64, f0: u32, f1: u32| (v | hw::rdmsr(f0)) & hw::rdmsr(f1);
-    let cr0 = fixed(
-        hw::read_cr0(),
-        msr::IA32_VMX_CR0_FIXED0,
-        msr::IA32_VMX_CR0_FIXED1,
-    );
-    let cr4 = fixed(
-        hw::read_cr4() | CR4_VMXE,
-        msr::IA32_VMX_CR4_FIXED0,
-        msr::IA32_VMX_CR4_FIXED1,
-    );
-    let revision = (hw::rdmsr(msr::IA32_VMX_BASIC) & 0x7fff_ffff) as u32;
+    let caps = VmxCapabilities::from_msrs(hw::rdmsr);
+    let cr0 = caps.fixed_cr0(hw::read_cr0(), false);
+    let cr4 = caps.fixed_cr4(hw::read_cr4() | CR4_VMXE);
+    let revision = caps.revision_id();
     // SAFETY: the new values only add the bits IA32_VMX_CR{0,4}_FIXED0 require (CR0.NE, CR0.PE,
     // CR0.PG are already set; CR4.VMXE is the VMX enable) and keep every bit the kernel set,
     // since FIXED1 reports them as allowed.
@@ -81,22 +74,11 @@ fn enter_root() -> VmxState {
 
 /// Logs what the BSP's VMX capability MSRs offer.
 pub fn log_features() {
-    let basic = hw::rdmsr(msr::IA32_VMX_BASIC);
-    let procbased = hw::rdmsr(0x482);
-    let secondary = if procbased >> 63 != 0 {
-        hw::rdmsr(0x48b) >> 32
-    } else {
-        0
-    };
-    let ept_vpid = if secondary & ((1 << 1) | (1 << 5)) != 0 {
-        hw::rdmsr(0x48c)
-    } else {
-        0
-    };
+    let caps = VmxCapabilities::from_msrs(hw::rdmsr);
     crate::println!(
-        "vmx: revision {:#x}, secondary controls {:#x}, EPT/VPID capabilities {:#x}",
-        basic & 0x7fff_ffff,
-        secondary,
-        ept_vpid
+        "vmx: VMCS revision {:#x}, secondary controls {:?}, EPT/VPID {:?}",
+        caps.revision_id(),
+        SecondaryControls::from_bits_truncate(caps.secondary_settings().allowed1 as u32),
+        caps.ept_vpid()
     );
 }
