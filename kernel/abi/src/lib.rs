@@ -41,6 +41,20 @@ pub enum Syscall {
     MemUnmap = 31,
     MemSplit = 32,
     DebugExit = 40,
+    EptCreate = 50,
+    EptDonate = 51,
+    EptReclaim = 52,
+    EptMap = 53,
+    EptUnmap = 54,
+    EptInvalidate = 55,
+    VcpuCreate = 60,
+    VcpuRun = 61,
+    VcpuRecall = 62,
+    VcpuWriteState = 63,
+    VcpuReadState = 64,
+    VcpuSetMask = 65,
+    VcpuBind = 66,
+    VcpuSetAffinity = 67,
 }
 
 impl Syscall {
@@ -72,6 +86,20 @@ impl Syscall {
             31 => MemUnmap,
             32 => MemSplit,
             40 => DebugExit,
+            50 => EptCreate,
+            51 => EptDonate,
+            52 => EptReclaim,
+            53 => EptMap,
+            54 => EptUnmap,
+            55 => EptInvalidate,
+            60 => VcpuCreate,
+            61 => VcpuRun,
+            62 => VcpuRecall,
+            63 => VcpuWriteState,
+            64 => VcpuReadState,
+            65 => VcpuSetMask,
+            66 => VcpuBind,
+            67 => VcpuSetAffinity,
             _ => return None,
         })
     }
@@ -123,6 +151,8 @@ pub enum Status {
     Unsupported = 19,
     /// The source of a mapping has nothing there (an EPT source page that is not backed).
     NotBacked = 20,
+    /// The object is busy (a vCPU's state cannot be written while it runs).
+    Busy = 21,
 }
 
 impl Status {
@@ -133,7 +163,7 @@ impl Status {
     /// The status with code `code`, if any.
     pub fn from_code(code: u64) -> Option<Self> {
         use Status::*;
-        const ALL: [Status; 21] = [
+        const ALL: [Status; 22] = [
             Ok,
             InvalidSpace,
             InvalidSelector,
@@ -155,6 +185,7 @@ impl Status {
             Aborted,
             Unsupported,
             NotBacked,
+            Busy,
         ];
         ALL.iter().copied().find(|s| s.code() == code)
     }
@@ -218,6 +249,25 @@ pub const LABEL_FAULT: u16 = 0xfff0;
 pub const FAULT_RESUME: u16 = 0;
 /// Reply label to a fault message: leave the thread suspended for good.
 pub const FAULT_KILL: u16 = 1;
+
+/// Labels of VM-exit messages: `LABEL_VM_EXIT + basic exit reason` (SDM Vol. 3D, Appendix C).
+pub const LABEL_VM_EXIT: u16 = 0x8000;
+/// Label of the message a recalled vCPU sends (`VcpuRecall`).
+pub const LABEL_RECALL: u16 = 0xffe1;
+
+/// `VcpuCreate` configuration word (A4): priority, CPU and the badge exit messages carry.
+pub const fn vcpu_config(priority: u8, cpu: u8, badge: u32) -> u64 {
+    (priority as u64) | ((cpu as u64) << 8) | ((badge as u64) << 32)
+}
+
+/// `EptMap` flags word (A4): rights (bit 0 R, 1 W, 2 X), page order, EPT memory type (0 UC,
+/// 6 WB; SDM Vol. 3C 29.3.7) and ignore-PAT.
+pub const fn ept_map_flags(rights: u8, order: u64, memtype: u8, ignore_pat: bool) -> u64 {
+    (rights as u64 & 7) | (order << 8) | ((memtype as u64 & 7) << 16) | ((ignore_pat as u64) << 19)
+}
+
+/// `VcpuSetMask` exit-reason argument that sets the mask of every exit reason.
+pub const ALL_EXITS: u64 = u64::MAX;
 
 /// The user thread control block: one 4 KiB page per thread, mapped where `ThreadCreate` says.
 #[derive(Clone, Copy, Debug)]
