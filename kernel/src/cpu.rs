@@ -275,6 +275,12 @@ pub fn init_this_cpu() {
         tss_addr >> 32,
     ]));
 
+    percpu::current()
+        .gdt
+        .store(gdt.as_ptr() as u64, core::sync::atomic::Ordering::Relaxed);
+    percpu::current()
+        .idt
+        .store(idt.as_ptr() as u64, core::sync::atomic::Ordering::Relaxed);
     let gdt_ptr = hw::DescriptorTablePointer {
         limit: (core::mem::size_of::<[u64; 8]>() - 1) as u16,
         base: gdt.as_ptr() as u64,

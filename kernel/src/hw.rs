@@ -9,6 +9,7 @@ pub mod msr {
     pub const IA32_FEATURE_CONTROL: u32 = 0x3a;
     pub const IA32_APIC_BASE: u32 = 0x1b;
     pub const IA32_EFER: u32 = 0xc000_0080;
+    pub const IA32_PAT: u32 = 0x277;
     pub const IA32_GS_BASE: u32 = 0xc000_0101;
     pub const IA32_STAR: u32 = 0xc000_0081;
     pub const IA32_LSTAR: u32 = 0xc000_0082;
@@ -270,6 +271,79 @@ pub mod vmx {
         // SAFETY: forwarded from the caller's contract.
         unsafe { x86::bits64::vmx::vmxon(region).map_err(|_| ()) }
     }
+
+    /// VMCLEAR: flushes the VMCS at physical `vmcs` to memory and makes it clear and inactive.
+    ///
+    /// # Safety
+    /// `vmcs` must be a VMCS region the kernel owns (4 KiB aligned, revision written), not the
+    /// VMXON region, and not running on another CPU.
+    pub unsafe fn vmclear(vmcs: u64) -> Result<(), ()> {
+        // SAFETY: forwarded from the caller's contract.
+        unsafe { x86::bits64::vmx::vmclear(vmcs).map_err(|_| ()) }
+    }
+
+    /// VMPTRLD: makes the VMCS at physical `vmcs` current on this CPU.
+    ///
+    /// # Safety
+    /// As for `vmclear`; the VMCS must not be active on another CPU.
+    pub unsafe fn vmptrld(vmcs: u64) -> Result<(), ()> {
+        // SAFETY: forwarded from the caller's contract.
+        unsafe { x86::bits64::vmx::vmptrld(vmcs).map_err(|_| ()) }
+    }
+
+    /// VMREAD of `field` from the current VMCS (0 if it fails: unsupported field).
+    pub fn vmread(field: u32) -> u64 {
+        // SAFETY: VMREAD only reads the current VMCS; without one, or for an unsupported field,
+        // it fails with VMfail and changes nothing, which is reported as 0.
+        unsafe { x86::bits64::vmx::vmread(field).unwrap_or(0) }
+    }
+
+    /// VMWRITE of `field` in the current VMCS.
+    ///
+    /// # Safety
+    /// Host-state and control fields decide what the CPU does at the next VM exit: callers
+    /// write only values the kernel computed (host state) or validated (`vcpu::message`).
+    pub unsafe fn vmwrite(field: u32, value: u64) -> Result<(), ()> {
+        // SAFETY: forwarded from the caller's contract.
+        unsafe { x86::bits64::vmx::vmwrite(field, value).map_err(|_| ()) }
+    }
+
+    /// INVEPT of `kind` (1 single-context, 2 all-context) for `eptp`.
+    pub fn invept(kind: u64, eptp: u64) {
+        let descriptor: [u64; 2] = [eptp, 0];
+        // SAFETY: INVEPT only drops cached EPT translations; the descriptor is a valid
+        // 16-byte memory operand on the stack. In VMX root operation with EPT supported (the
+        // callers check), an unsupported type fails with VMfail and does nothing.
+        unsafe {
+            core::arch::asm!("invept {}, [{}]", in(reg) kind, in(reg) descriptor.as_ptr(),
+                             options(nostack, readonly))
+        };
+    }
+
+    /// INVVPID of `kind` (1 single-context, 2 all-context) for `vpid`.
+    pub fn invvpid(kind: u64, vpid: u16) {
+        let descriptor: [u64; 2] = [u64::from(vpid), 0];
+        // SAFETY: INVVPID only drops cached linear translations tagged with the VPID.
+        unsafe {
+            core::arch::asm!("invvpid {}, [{}]", in(reg) kind, in(reg) descriptor.as_ptr(),
+                             options(nostack, readonly))
+        };
+    }
+}
+
+/// Writes CR2 (the guest's value before a VM entry; VMX does not switch it).
+pub fn write_cr2(value: u64) {
+    // SAFETY: CR2 only reports the last page-fault address; the kernel reads it only in its
+    // page-fault path, which does not run between this write and the VM entry.
+    unsafe { asm!("mov cr2, {}", in(reg) value, options(nomem, nostack, preserves_flags)) };
+}
+
+/// Enables interrupts for one instruction so that an interrupt that caused a VM exit (left
+/// pending in the local APIC) is delivered through the IDT, then disables them again.
+pub fn deliver_pending_interrupt() {
+    // SAFETY: runs on the CPU's kernel stack with the IDT loaded; the kernel-mode trap path
+    // handles whatever interrupt arrives and returns here.
+    unsafe { asm!("sti", "nop", "cli", options(nomem, nostack)) };
 }
 
 /// Per-CPU base pointer in IA32_GS_BASE.

@@ -10,6 +10,7 @@ mod boot;
 mod bootinfo;
 mod cpu;
 mod entry;
+mod ept_space;
 mod fpu;
 mod hw;
 mod memory;
@@ -22,6 +23,7 @@ mod scenario;
 mod serial;
 mod smp;
 mod syscall;
+mod vm;
 mod vmx;
 
 use core::sync::atomic::Ordering;

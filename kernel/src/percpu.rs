@@ -52,8 +52,13 @@ pub struct PerCpu {
     pub context_top: AtomicU64,
     /// Start of the current thread's frame (where `return_to_user` pops from).
     pub context_base: AtomicU64,
-    /// This CPU's TSS (to update RSP0 on a thread switch).
+    /// This CPU's TSS (to update RSP0 on a thread switch; VMCS host TR base).
     pub tss: AtomicU64,
+    /// This CPU's GDT and the IDT (VMCS host GDTR/IDTR bases).
+    pub gdt: AtomicU64,
+    pub idt: AtomicU64,
+    /// Physical address of the VMCS current on this CPU (0: none).
+    pub current_vmcs: AtomicU64,
     /// Index in `CPUS` (0 = the bootstrap processor).
     pub index: AtomicU32,
     /// Local APIC ID (x2APIC ID where x2APIC is on).
@@ -75,6 +80,9 @@ impl PerCpu {
             context_top: AtomicU64::new(0),
             context_base: AtomicU64::new(0),
             tss: AtomicU64::new(0),
+            gdt: AtomicU64::new(0),
+            idt: AtomicU64::new(0),
+            current_vmcs: AtomicU64::new(0),
             index: AtomicU32::new(0),
             apic_id: AtomicU32::new(0),
             online: AtomicBool::new(false),

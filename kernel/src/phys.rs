@@ -83,3 +83,25 @@ pub fn write_u64(addr: u64, value: u64) -> bool {
     unsafe { core::ptr::write_volatile(addr as *mut u64, value) };
     true
 }
+
+/// Copies u64 words to RAM at `addr` (little-endian, as the CPU stores them).
+pub fn write_words(addr: u64, words: &[u64]) -> bool {
+    let Some(len) = words.len().checked_mul(8) else { return false };
+    if !in_map(addr, len) {
+        return false;
+    }
+    // SAFETY: as for `write`; a u64 slice is plain bytes.
+    unsafe { core::ptr::copy_nonoverlapping(words.as_ptr().cast::<u8>(), addr as *mut u8, len) };
+    true
+}
+
+/// Copies RAM at `addr` into u64 words.
+pub fn read_words(addr: u64, words: &mut [u64]) -> bool {
+    let Some(len) = words.len().checked_mul(8) else { return false };
+    if !in_map(addr, len) {
+        return false;
+    }
+    // SAFETY: as for `read`; any bytes are a valid u64.
+    unsafe { core::ptr::copy_nonoverlapping(addr as *const u8, words.as_mut_ptr().cast::<u8>(), len) };
+    true
+}

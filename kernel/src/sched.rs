@@ -16,7 +16,10 @@ use alloc::boxed::Box;
 use alloc::collections::{BTreeMap, VecDeque};
 use alloc::vec::Vec;
 use caps::{CapSystem, NodeId, NodeKey, VecStorage};
-use core::sync::atomic::{AtomicBool, Ordering};
+use crate::ept_space::{Donated, EPT_SPACE_BASE, EptSpace};
+use crate::vm::Vcpu;
+use vcpu::vmcs::VmcsAccess;
+use core::sync::atomic::{AtomicU64, Ordering};
 use ept::entry::{PageSize, Rights};
 use spin::{Mutex, MutexGuard};
 
@@ -64,8 +67,12 @@ pub struct Thread {
     /// Set while the thread waits for its fault handler's reply; `fault_words` is the message.
     pub in_fault: bool,
     pub fault_words: [u64; 4],
-    /// Physical frame of the UTCB.
+    /// Physical frame of the UTCB (0 for vCPUs, which have none).
     pub utcb: u64,
+    /// For a vCPU: its VMCS and guest state. `in_exit` is set while it waits for the reply
+    /// to an exit message.
+    pub vcpu: Option<Box<Vcpu>>,
+    pub in_exit: bool,
 }
 
 #[derive(Default)]
@@ -140,6 +147,10 @@ pub struct Kernel {
     pub endpoints: Vec<Option<Endpoint>>,
     pub notifications: Vec<Option<Notification>>,
     pub memory: Vec<Option<MemoryObject>>,
+    pub epts: Vec<Option<EptSpace>>,
+    /// Memory donated to the kernel (EPT pools): never mappable again.
+    pub donated: Donated,
+    pub next_vpid: u16,
     cpus: [CpuSched; MAX_CPUS],
 }
 
@@ -150,10 +161,18 @@ static KERNEL: Mutex<Kernel> = Mutex::new(Kernel {
     endpoints: Vec::new(),
     notifications: Vec::new(),
     memory: Vec::new(),
+    epts: Vec::new(),
+    donated: Donated::new(),
+    next_vpid: 1,
     cpus: [const { CpuSched::new() }; MAX_CPUS],
 });
 
-static SHOOTDOWN_PENDING: [AtomicBool; MAX_CPUS] = [const { AtomicBool::new(false) }; MAX_CPUS];
+/// Requests to other CPUs, one slot per CPU (only the lock holder sends): the request kind in
+/// bits 2:0 and a 4 KiB-aligned physical address above. Zero when answered.
+static REMOTE: [AtomicU64; MAX_CPUS] = [const { AtomicU64::new(0) }; MAX_CPUS];
+const REMOTE_FLUSH_TLB: u64 = 1;
+const REMOTE_VMCLEAR: u64 = 2;
+const REMOTE_INVEPT: u64 = 3;
 
 /// Takes the kernel lock, answering TLB shootdowns while waiting for it.
 pub fn kernel() -> MutexGuard<'static, Kernel> {
@@ -171,16 +190,41 @@ fn this_cpu() -> usize {
 }
 
 fn shootdown_poll() {
-    if SHOOTDOWN_PENDING[this_cpu()].load(Ordering::Acquire) {
+    if REMOTE[this_cpu()].load(Ordering::Acquire) != 0 {
         shootdown_ack();
     }
 }
 
-/// Flushes this CPU's TLB (non-global entries) and acknowledges a shootdown request.
+/// Carries out the request another CPU left for this one (TLB flush, VMCLEAR, INVEPT) and
+/// acknowledges it.
 pub fn shootdown_ack() {
-    // SAFETY: reloading CR3 with its current value only flushes non-global translations.
-    unsafe { hw::write_cr3(hw::read_cr3()) };
-    SHOOTDOWN_PENDING[this_cpu()].store(false, Ordering::Release);
+    let me = this_cpu();
+    let request = REMOTE[me].load(Ordering::Acquire);
+    let address = request & !0xfff;
+    match request & 7 {
+        REMOTE_FLUSH_TLB => {
+            // SAFETY: reloading CR3 with its current value only flushes translations.
+            unsafe { hw::write_cr3(hw::read_cr3()) };
+        }
+        REMOTE_VMCLEAR => crate::vm::clear(address),
+        REMOTE_INVEPT => hw::vmx::invept(1, ept::entry::Eptp::new(address, false).0),
+        _ => {}
+    }
+    REMOTE[me].store(0, Ordering::Release);
+}
+
+/// Asks CPU `cpu` to carry out `request` and waits until it has.
+fn remote(cpu: usize, request: u64) {
+    REMOTE[cpu].store(request, Ordering::Release);
+    apic::send_fixed(CPUS[cpu].apic_id.load(Ordering::Relaxed), cpu::VECTOR_SHOOTDOWN);
+    let mut spins = 0u64;
+    while REMOTE[cpu].load(Ordering::Acquire) != 0 {
+        hw::pause();
+        spins += 1;
+        if spins == 1 << 32 {
+            log::error!("cpu {cpu} does not answer request {request:#x}");
+        }
+    }
 }
 
 fn insert<T>(table: &mut Vec<Option<T>>, value: T) -> u32 {
@@ -262,6 +306,8 @@ impl Kernel {
             in_fault: false,
             fault_words: [0; 4],
             utcb,
+            vcpu: None,
+            in_exit: false,
         });
         Ok(insert(&mut self.threads, thread))
     }
@@ -385,6 +431,13 @@ impl Kernel {
         if let Some(cur) = self.cpus[me].current
             && self.thread(cur).cpu != me
         {
+            if let Some(v) = self.thread_mut(cur).vcpu.as_deref_mut()
+                && v.active_on == Some(me)
+            {
+                crate::vm::clear(v.vmcs);
+                v.active_on = None;
+                v.launched = false;
+            }
             self.thread_mut(cur).fpu.save();
             self.cpus[me].current = None;
             let pd = self.thread(cur).pd;
@@ -426,7 +479,15 @@ impl Kernel {
     fn deliver(&mut self, from: u32, to: u32, info: MessageInfo, words: [u64; 4]) {
         let mut out = MessageInfo::new(info.label(), info.extra_words());
         let n = info.extra_words();
-        if n > 0 {
+        let mut badge = 0;
+        if self.thread(from).in_exit
+            && let Some(v) = self.thread(from).vcpu.as_deref()
+        {
+            badge = u64::from(v.badge);
+            let off = core::mem::offset_of!(abi::Utcb, words) as u64;
+            let dst = self.thread(to).utcb + off;
+            phys::write_words(dst, &v.exit_words);
+        } else if n > 0 {
             let mut buf = [0u8; abi::UTCB_WORDS * 8];
             let off = core::mem::offset_of!(abi::Utcb, words) as u64;
             let (src, dst) = (self.thread(from).utcb + off, self.thread(to).utcb + off);
@@ -448,7 +509,7 @@ impl Kernel {
         }
         let ctx = &mut self.thread_mut(to).ctx;
         ctx.rax = Status::Ok.code();
-        ctx.rdi = 0;
+        ctx.rdi = badge;
         ctx.rsi = out.0;
         ctx.rdx = words[0];
         ctx.r10 = words[1];
@@ -459,7 +520,16 @@ impl Kernel {
     /// The message a blocked sender carries: its fault message, or its registers.
     fn sender_message(&self, s: u32) -> (MessageInfo, [u64; 4]) {
         let t = self.thread(s);
-        if t.in_fault {
+        if t.in_exit
+            && let Some(v) = t.vcpu.as_deref()
+        {
+            let w = &v.exit_words;
+            let rip = w[8 + vcpu::message::word::RIP_RSP_RFLAGS];
+            (
+                MessageInfo::new(v.exit_label, vcpu::message::EXIT_MESSAGE_WORDS),
+                [w[1] & 0xffff_ffff, w[2], w[4], rip],
+            )
+        } else if t.in_fault {
             (MessageInfo::new(abi::LABEL_FAULT, 0), t.fault_words)
         } else {
             let c = &t.ctx;
@@ -496,28 +566,106 @@ impl Kernel {
         }
     }
 
-    /// Answers `caller` on behalf of `me`; returns the caller (now ready, not yet queued).
-    fn reply_to(&mut self, me: u32, caller: u32, info: MessageInfo, words: [u64; 4]) {
+    /// Answers `caller` on behalf of `me`; the caller is then ready (not yet queued) or
+    /// suspended. A vCPU's caller gets its reply checked and applied first; a bad reply fails
+    /// and leaves the vCPU waiting.
+    fn reply_to(&mut self, me: u32, caller: u32, info: MessageInfo, words: [u64; 4]) -> SysResult {
+        if self.thread(caller).in_exit {
+            return self.reply_to_vcpu(me, caller, info);
+        }
         if self.thread(caller).in_fault {
             let t = self.thread_mut(caller);
             t.in_fault = false;
             if info.label() != abi::FAULT_RESUME {
                 t.state = State::Suspended;
-                return;
+                return Ok(());
             }
         } else {
             self.deliver(me, caller, info, words);
         }
         self.thread_mut(caller).state = State::Ready;
+        Ok(())
     }
 
-    /// Reply (if `reply` and a caller waits), then receive on `ep`.
-    pub fn reply_recv(&mut self, me: u32, ep: u32, reply: Option<(MessageInfo, [u64; 4])>) {
+    /// Applies a VMM's reply to an exit message (docs/abi.md, "Replies").
+    fn reply_to_vcpu(&mut self, me: u32, caller: u32, info: MessageInfo) -> SysResult {
+        use vcpu::message::{REPLY_WORDS, Reply, ResumeAction};
+        let reply = match info.extra_words() {
+            0 => None,
+            REPLY_WORDS => {
+                let mut words = [0u64; REPLY_WORDS];
+                let off = core::mem::offset_of!(abi::Utcb, words) as u64;
+                phys::read_words(self.thread(me).utcb + off, &mut words);
+                Some(Reply::from_words(&words).map_err(|_| Status::InvalidArgument)?)
+            }
+            _ => return Err(Status::InvalidArgument),
+        };
+        let mut stop = false;
+        if let Some(reply) = reply {
+            let binding = match reply.action {
+                ResumeAction::ResumeWithEptBinding(sel) => Some(
+                    self.caps
+                        .lookup::<caps::object::Ept>(self.thread(me).pd, sel, caps::EptRights::MAP)?
+                        .object(),
+                ),
+                _ => None,
+            };
+            self.vcpu_vmcs_here(caller)?;
+            let v = self.thread_mut(caller).vcpu.as_deref_mut().ok_or(Status::Inconsistent)?;
+            let action = reply
+                .apply(&mut crate::vm::HwVmcs, &mut v.regs)
+                .map_err(|_| Status::InvalidArgument)?;
+            crate::vm::fix_guest_control_registers(true);
+            if let Some(e) = binding {
+                v.ept = e;
+                v.eptp_dirty = true;
+            }
+            stop = action == ResumeAction::Stop;
+        }
+        let t = self.thread_mut(caller);
+        t.in_exit = false;
+        t.state = if stop { State::Suspended } else { State::Ready };
+        Ok(())
+    }
+
+    /// Makes vCPU `t`'s VMCS current on this CPU (VMCLEARing it where else it is active).
+    pub fn vcpu_vmcs_here(&mut self, t: u32) -> SysResult {
+        let me = this_cpu();
+        let v = self.thread_mut(t).vcpu.as_deref_mut().ok_or(Status::Inconsistent)?;
+        let vmcs = v.vmcs;
+        if let Some(c) = v.active_on
+            && c != me
+        {
+            remote(c, REMOTE_VMCLEAR | vmcs);
+            v.active_on = None;
+            v.launched = false;
+        }
+        if !crate::vm::make_current(vmcs) {
+            return Err(Status::Inconsistent);
+        }
+        if v.active_on.is_none() {
+            v.launched = false;
+        }
+        v.active_on = Some(me);
+        Ok(())
+    }
+
+    /// Reply (if `reply` and a caller waits), then receive on `ep`. A reply that fails (a
+    /// bad reply to a vCPU) fails the call before anything is received.
+    pub fn reply_recv(
+        &mut self,
+        me: u32,
+        ep: u32,
+        reply: Option<(MessageInfo, [u64; 4])>,
+    ) -> SysResult {
         let mut woken = None;
         if let Some((info, words)) = reply
             && let Some(c) = self.thread_mut(me).caller.take()
         {
-            self.reply_to(me, c, info, words);
+            if let Err(e) = self.reply_to(me, c, info, words) {
+                self.thread_mut(me).caller = Some(c);
+                return Err(e);
+            }
             if self.thread(c).state == State::Ready {
                 woken = Some(c);
             }
@@ -550,12 +698,16 @@ impl Kernel {
                 }
             }
         }
+        Ok(())
     }
 
     /// Reply without receiving.
     pub fn reply(&mut self, me: u32, info: MessageInfo, words: [u64; 4]) -> SysResult {
         let c = self.thread_mut(me).caller.take().ok_or(Status::NoCaller)?;
-        self.reply_to(me, c, info, words);
+        if let Err(e) = self.reply_to(me, c, info, words) {
+            self.thread_mut(me).caller = Some(c);
+            return Err(e);
+        }
         if self.thread(c).state == State::Ready {
             self.wake(c);
         }
@@ -643,37 +795,62 @@ impl Kernel {
             // SAFETY: reloading CR3 with its current value only flushes translations.
             unsafe { hw::write_cr3(hw::read_cr3()) };
         }
-        let others = mask & !(1 << me);
-        for c in 0..MAX_CPUS {
-            if others & (1 << c) != 0 {
-                SHOOTDOWN_PENDING[c].store(true, Ordering::Release);
-                apic::send_fixed(CPUS[c].apic_id.load(Ordering::Relaxed), cpu::VECTOR_SHOOTDOWN);
-            }
+        for c in (0..MAX_CPUS).filter(|&c| c != me && mask & (1 << c) != 0) {
+            remote(c, REMOTE_FLUSH_TLB);
         }
-        for c in 0..MAX_CPUS {
-            if others & (1 << c) != 0 {
-                let mut spins = 0u64;
-                while SHOOTDOWN_PENDING[c].load(Ordering::Acquire) {
-                    hw::pause();
-                    spins += 1;
-                    if spins == 1 << 32 {
-                        log::error!("shootdown: cpu {c} does not answer");
-                    }
-                }
-            }
+    }
+
+    /// INVEPT (single context) on every CPU that may cache translations of EPT `e`.
+    pub fn invalidate_ept(&mut self, e: u32) {
+        let me = this_cpu();
+        let Some(space) = self.epts[e as usize].as_ref() else { return };
+        let (mask, root, eptp) = (space.cpus, space.root, space.eptp());
+        if mask & (1 << me) != 0 {
+            hw::vmx::invept(1, eptp);
+        }
+        for c in (0..MAX_CPUS).filter(|&c| c != me && mask & (1 << c) != 0) {
+            remote(c, REMOTE_INVEPT | root);
         }
     }
 
     /// Removes the mapping recorded by a derivation-tree node (called for every mapping a
     /// revocation removes). Returns the PD to shoot down.
-    pub fn drop_mapping(&mut self, key: NodeKey) -> Option<u32> {
+    pub fn drop_mapping(&mut self, key: NodeKey) -> Option<Space> {
         let NodeKey::Mapping { space, page, .. } = key else { return None };
+        let address = page << 12;
+        if space >= EPT_SPACE_BASE {
+            let e = space - EPT_SPACE_BASE;
+            let ept = self.epts.get_mut(e as usize)?.as_mut()?;
+            let (_, size) = ept.mappings.remove(&address)?;
+            let _ = ept.unmap(address, size);
+            ept.refund();
+            return Some(Space::Ept(e));
+        }
         let pd = self.pds.get_mut(space as usize)?.as_mut()?;
-        let vaddr = page << 12;
-        let (_, size) = pd.mappings.remove(&vaddr)?;
-        let _ = pd.aspace.unmap(vaddr, size);
-        Some(space)
+        let (_, size) = pd.mappings.remove(&address)?;
+        let _ = pd.aspace.unmap(address, size);
+        Some(Space::Pd(space))
     }
+
+    /// Removes the mappings of removed derivation-tree nodes and invalidates what cached them.
+    pub fn drop_mappings(&mut self, keys: Vec<NodeKey>) {
+        let mut spaces: Vec<Space> = keys.into_iter().filter_map(|k| self.drop_mapping(k)).collect();
+        spaces.sort_unstable();
+        spaces.dedup();
+        for s in spaces {
+            match s {
+                Space::Pd(pd) => self.shootdown(pd),
+                Space::Ept(e) => self.invalidate_ept(e),
+            }
+        }
+    }
+}
+
+/// An address space that a removed mapping belonged to.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Debug)]
+pub enum Space {
+    Pd(u32),
+    Ept(u32),
 }
 
 pub fn map_status(e: MapError) -> Status {
@@ -692,50 +869,69 @@ pub fn cpu_count() -> usize {
 
 // ---- entries from user mode ------------------------------------------------------------------
 
-/// Finishes a kernel entry: settles migrations, then resumes the current thread, or idles.
-pub fn finish(mut k: MutexGuard<'static, Kernel>) {
+/// Finishes a kernel entry: settles migrations, then resumes the current thread or vCPU,
+/// or idles.
+pub fn finish(mut k: MutexGuard<'static, Kernel>) -> ! {
     k.settle();
-    if k.current_opt().is_some() {
-        drop(k);
-        return;
+    resume(k)
+}
+
+/// Resumes whatever is current on this CPU (a thread in user mode, a vCPU in its guest), or
+/// idles until something is.
+fn resume(mut k: MutexGuard<'static, Kernel>) -> ! {
+    loop {
+        match k.current_opt() {
+            Some(t) if k.thread(t).vcpu.is_some() => match k.prepare_vcpu_entry(t) {
+                Some((gprs, launched)) => {
+                    drop(k);
+                    crate::vm::enter(gprs, launched);
+                }
+                None => {
+                    // The vCPU sent a message instead (recall, failed VMPTRLD): pick again.
+                    k.settle();
+                    continue;
+                }
+            },
+            Some(_) => {
+                drop(k);
+                entry::enter_user();
+            }
+            None => {
+                drop(k);
+                // SAFETY: STI's one-instruction shadow makes "enable interrupts and halt"
+                // atomic, so a wake-up IPI that arrives after the check still ends the HLT.
+                unsafe { core::arch::asm!("sti", "hlt", "cli", options(nomem, nostack)) };
+                k = kernel();
+                k.schedule();
+            }
+        }
     }
-    drop(k);
-    idle()
 }
 
 /// Runs the first ready thread on this CPU, halting until there is one.
 pub fn idle() -> ! {
-    loop {
-        hw::disable_interrupts();
-        let mut k = kernel();
-        k.schedule();
-        if k.current_opt().is_some() {
-            drop(k);
-            entry::enter_user();
-        }
-        drop(k);
-        // SAFETY: STI's one-instruction shadow makes "enable interrupts and halt" atomic, so
-        // a wake-up IPI that arrives after the check above still ends the HLT.
-        unsafe { core::arch::asm!("sti", "hlt", options(nomem, nostack)) };
-    }
+    hw::disable_interrupts();
+    let mut k = kernel();
+    k.schedule();
+    resume(k)
 }
 
 /// Timer interrupt from user mode: round robin among equal priorities.
-pub fn timer_tick() {
+pub fn timer_tick() -> ! {
     let mut k = kernel();
     k.preempt(false);
-    finish(k);
+    finish(k)
 }
 
 /// A reschedule IPI from user mode: a thread became ready here, or the current one moved.
-pub fn reschedule_ipi() {
+pub fn reschedule_ipi() -> ! {
     let mut k = kernel();
     k.preempt(true);
-    finish(k);
+    finish(k)
 }
 
 /// An exception in user mode: a fault message to the thread's handler, or suspension.
-pub fn user_exception(vector: u64, error: u64, cr2: u64) {
+pub fn user_exception(vector: u64, error: u64, cr2: u64) -> ! {
     let mut k = kernel();
     let me = k.current();
     let rip = k.thread(me).ctx.rip;
@@ -756,7 +952,7 @@ pub fn user_exception(vector: u64, error: u64, cr2: u64) {
             k.schedule();
         }
     }
-    finish(k);
+    finish(k)
 }
 
 /// Makes `t` run on this CPU now (used once, for the root task).
@@ -766,10 +962,188 @@ pub fn start_first(t: u32) -> ! {
     if cpu == this_cpu() {
         k.thread_mut(t).state = State::Ready;
         k.switch_to(t);
-        drop(k);
-        entry::enter_user();
+        resume(k)
     }
     k.wake(t);
     drop(k);
     idle()
+}
+
+// ---- vCPUs ----------------------------------------------------------------------------------
+
+impl Kernel {
+    /// Creates a suspended vCPU in `pd` bound to EPT `ept` and exit endpoint `exit_endpoint`.
+    pub fn create_vcpu(
+        &mut self,
+        pd: u32,
+        ept: u32,
+        exit_endpoint: u32,
+        priority: u8,
+        cpu: usize,
+        badge: u32,
+    ) -> Result<u32, Status> {
+        if percpu::current().vmx_state() != percpu::VmxState::Root {
+            return Err(Status::Unsupported);
+        }
+        let controls = crate::vm::controls().ok_or(Status::Unsupported)?;
+        let eptp = self.epts[ept as usize].as_ref().ok_or(Status::Inconsistent)?.eptp();
+        let vpid = self.next_vpid;
+        self.next_vpid = self.next_vpid.checked_add(1).ok_or(Status::OutOfMemory)?;
+        let vmcs = memory::alloc_zeroed_pages(1).ok_or(Status::OutOfMemory)?;
+        let caps = vcpu::controls::VmxCapabilities::from_msrs(hw::rdmsr);
+        phys::write(vmcs, &caps.revision_id().to_le_bytes());
+        let default_mask = (vcpu::message::StateMask::GPRS
+            | vcpu::message::StateMask::RIP_RSP_RFLAGS)
+            .bits();
+        let mut v = Box::new(Vcpu {
+            regs: vcpu::message::SavedRegisters::default(),
+            vmcs,
+            launched: false,
+            active_on: None,
+            last_cpu: None,
+            ept,
+            eptp_dirty: false,
+            exit_endpoint,
+            badge,
+            vpid,
+            masks: [default_mask; 80],
+            recall: false,
+            exit_label: 0,
+            exit_words: [0; vcpu::message::EXIT_MESSAGE_WORDS],
+        });
+        crate::vm::clear(vmcs);
+        if !crate::vm::make_current(vmcs) {
+            memory::free_pages(vmcs, 1);
+            return Err(Status::Inconsistent);
+        }
+        crate::vm::init_vmcs(&mut v, &controls, eptp);
+        crate::vm::clear(vmcs);
+        let thread = Box::new(Thread {
+            ctx: entry::initial_frame(0, 0),
+            fpu: FpuArea::initial(),
+            pd,
+            priority,
+            cpu,
+            state: State::Suspended,
+            caller: None,
+            fault_endpoint: None,
+            in_fault: false,
+            fault_words: [0; 4],
+            utcb: 0,
+            vcpu: Some(v),
+            in_exit: false,
+        });
+        Ok(insert(&mut self.threads, thread))
+    }
+
+    /// `VcpuRecall`: the vCPU reports to its VMM at its next kernel exit handling (now, if it
+    /// runs on another CPU: the IPI makes it exit).
+    pub fn recall(&mut self, t: u32) {
+        if let Some(v) = self.thread_mut(t).vcpu.as_deref_mut() {
+            v.recall = true;
+        }
+        let (state, cpu) = (self.thread(t).state, self.thread(t).cpu);
+        if state == State::Running && cpu != this_cpu() {
+            apic::send_fixed(CPUS[cpu].apic_id.load(Ordering::Relaxed), cpu::VECTOR_RESCHEDULE);
+        }
+    }
+
+    /// Gets vCPU `t` (current on this CPU) ready to enter its guest: VMCS current here, EPT
+    /// bound, translations flushed if it arrived from another CPU. Returns where its registers
+    /// are and whether it was launched; `None` if it sent a message instead.
+    fn prepare_vcpu_entry(&mut self, t: u32) -> Option<(*mut vcpu::message::Gprs, bool)> {
+        let me = this_cpu();
+        if self.vcpu_vmcs_here(t).is_err() {
+            log::error!("vcpu {t}: its VMCS cannot be loaded; stopped");
+            self.thread_mut(t).state = State::Suspended;
+            self.schedule();
+            return None;
+        }
+        if self.thread(t).vcpu.as_deref().is_some_and(|v| v.recall) {
+            self.send_exit(t, abi::LABEL_RECALL, None);
+            return None;
+        }
+        let ept = self.thread(t).vcpu.as_deref()?.ept;
+        let eptp = self.epts.get(ept as usize)?.as_ref()?.eptp();
+        if let Some(space) = self.epts[ept as usize].as_mut() {
+            space.cpus |= 1 << me;
+        }
+        let v = self.thread_mut(t).vcpu.as_deref_mut()?;
+        if v.eptp_dirty {
+            crate::vm::HwVmcs.write(vcpu::vmcs::VmcsField::EPT_POINTER, eptp);
+            v.eptp_dirty = false;
+            hw::vmx::invept(1, eptp);
+        }
+        if v.last_cpu != Some(me) {
+            crate::vm::flush_on_arrival(eptp, v.vpid);
+            v.last_cpu = Some(me);
+        }
+        hw::write_cr2(v.regs.cr2);
+        let launched = v.launched;
+        v.launched = true;
+        Some((&mut v.regs.gprs as *mut vcpu::message::Gprs, launched))
+    }
+
+    /// Sends vCPU `t`'s exit (already captured, or the current state for a recall) to its
+    /// exit endpoint as a call.
+    fn send_exit(&mut self, t: u32, label: u16, captured: Option<()>) {
+        let Some(v) = self.thread_mut(t).vcpu.as_deref_mut() else { return };
+        if captured.is_none() {
+            v.recall = false;
+            v.exit_words = crate::vm::capture_state(v, crate::vm::RECALL_MASK);
+        }
+        v.exit_label = label;
+        let ep = v.exit_endpoint;
+        self.thread_mut(t).in_exit = true;
+        self.call(t, ep);
+    }
+}
+
+/// A VM exit (from `vm::vm_exit_entry`, on this CPU's kernel stack; the guest's registers are
+/// saved in its vCPU).
+#[unsafe(no_mangle)]
+extern "C" fn vm_exit_dispatch() -> ! {
+    let mut k = kernel();
+    let t = k.current();
+    let reason = crate::vm::HwVmcs.read(vcpu::vmcs::VmcsField::EXIT_REASON);
+    let basic = (reason & 0xffff) as u16;
+    if let Some(v) = k.thread_mut(t).vcpu.as_deref_mut() {
+        v.regs.cr2 = crate::hw::read_cr2();
+    }
+    match basic {
+        // External interrupt: let the host take it (it is pending in the local APIC).
+        1 => {
+            hw::deliver_pending_interrupt();
+            if k.thread(t).vcpu.as_deref().is_some_and(|v| v.recall) {
+                k.send_exit(t, abi::LABEL_RECALL, None);
+            } else {
+                k.preempt(false);
+            }
+        }
+        _ => {
+            if let Some(v) = k.thread_mut(t).vcpu.as_deref_mut() {
+                crate::vm::capture_exit(v);
+            }
+            k.send_exit(t, abi::LABEL_VM_EXIT + basic, Some(()));
+        }
+    }
+    finish(k)
+}
+
+/// VMLAUNCH/VMRESUME failed without a VM exit (VMfail): reported to the VMM as a failed VM
+/// entry (exit reason 33 with bit 31) whose qualification is the VM-instruction error.
+#[unsafe(no_mangle)]
+extern "C" fn vm_entry_failed() -> ! {
+    let mut k = kernel();
+    let t = k.current();
+    let error = crate::vm::instruction_error();
+    if let Some(v) = k.thread_mut(t).vcpu.as_deref_mut() {
+        v.launched = false;
+        v.exit_words = crate::vm::capture_state(v, vcpu::message::StateMask::RIP_RSP_RFLAGS);
+        v.exit_words[1] = 33 | (1 << 31);
+        v.exit_words[2] = error;
+    }
+    log::warn!("vcpu {t}: VM entry failed, VM-instruction error {error}");
+    k.send_exit(t, abi::LABEL_VM_EXIT + 33, Some(()));
+    finish(k)
 }

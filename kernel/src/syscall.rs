@@ -6,12 +6,16 @@ use crate::cpu::TrapFrame;
 use crate::sched::{self, Kernel, map_status};
 use abi::{MessageInfo, Status, Syscall, USER_BASE, USER_END};
 use alloc::vec::Vec;
-use caps::object::{Endpoint, Memory, Notification, ProtectionDomain, Thread};
+use crate::ept_space::{EPT_SPACE_BASE, EptSpace, Pool};
+use crate::phys;
+use crate::sched::State;
+use caps::object::{Endpoint, Ept, Memory, Notification, ProtectionDomain, Thread, Vcpu};
 use caps::{
-    EndpointRights, MemoryRights, NodeKey, NotificationRights, ObjectKind, ObjectType,
-    ProtectionDomainRights, ThreadRights,
+    EndpointRights, EptRights, MemoryRights, NodeKey, NotificationRights, ObjectKind, ObjectType,
+    ProtectionDomainRights, ThreadRights, VcpuRights,
 };
-use ept::entry::{PageSize, Rights};
+use ept::entry::{MemType, PageSize, Rights};
+use vcpu::message::StateMask;
 use spin::MutexGuard;
 
 /// What a call did for its caller.
@@ -96,15 +100,6 @@ fn page_size(order: u64) -> Result<PageSize, Status> {
     }
 }
 
-/// Removes derivation-tree nodes' mappings and shoots down the affected PDs.
-fn drop_mappings(k: &mut Kernel, keys: Vec<NodeKey>) {
-    let mut pds: Vec<u32> = keys.into_iter().filter_map(|key| k.drop_mapping(key)).collect();
-    pds.sort_unstable();
-    pds.dedup();
-    for pd in pds {
-        k.shootdown(pd);
-    }
-}
 
 fn handle(k: &mut MutexGuard<'static, Kernel>, me: u32, space: u32, nr: u64, a: [u64; 6]) -> CallResult {
     let call = Syscall::from_number(nr).ok_or(Status::InvalidSyscall)?;
@@ -139,12 +134,12 @@ fn handle(k: &mut MutexGuard<'static, Kernel>, me: u32, space: u32, nr: u64, a: 
             let info = info_of(a[1])?;
             let ep = lookup::<Endpoint>(k, space, a[0], EndpointRights::RECEIVE)?;
             check_grant(k, space, a[0], info)?;
-            k.reply_recv(me, ep, Some((info, words)));
+            k.reply_recv(me, ep, Some((info, words)))?;
             Ok(Outcome::Blocked)
         }
         Syscall::Recv => {
             let ep = lookup::<Endpoint>(k, space, a[0], EndpointRights::RECEIVE)?;
-            k.reply_recv(me, ep, None);
+            k.reply_recv(me, ep, None)?;
             Ok(Outcome::Blocked)
         }
         Syscall::Reply => {
@@ -264,7 +259,7 @@ fn handle(k: &mut MutexGuard<'static, Kernel>, me: u32, space: u32, nr: u64, a: 
             } else {
                 k.caps.delete_with(space, a[0], &mut |_| {}, &mut |_, key| keys.push(key))?
             };
-            drop_mappings(k, keys);
+            k.drop_mappings(keys);
             Ok(Outcome::Done([Some(n as u64), None, None]))
         }
         Syscall::CapInfo => {
@@ -298,7 +293,7 @@ fn handle(k: &mut MutexGuard<'static, Kernel>, me: u32, space: u32, nr: u64, a: 
             };
             let mut keys = Vec::new();
             k.caps.remove_node(node, &mut |_| {}, &mut |_, key| keys.push(key))?;
-            drop_mappings(k, keys);
+            k.drop_mappings(keys);
             Ok(DONE)
         }
         Syscall::MemSplit => {
@@ -323,6 +318,155 @@ fn handle(k: &mut MutexGuard<'static, Kernel>, me: u32, space: u32, nr: u64, a: 
             }
             Ok(DONE)
         }
+        Syscall::EptCreate => {
+            let pd = lookup::<ProtectionDomain>(k, space, a[0], ProtectionDomainRights::CREATE_EPT)?;
+            let _ = pd;
+            vacant(k, space, a[1])?;
+            let mut pool = Pool::default();
+            take_donation(k, space, a[2], &mut pool)?;
+            let ept = EptSpace::new(pool).ok_or(Status::OutOfMemory)?;
+            let e = insert_ept(k, ept);
+            k.caps.create(space, a[1], ObjectKind::Ept, e, ObjectKind::Ept.valid_rights())?;
+            Ok(DONE)
+        }
+        Syscall::EptDonate => {
+            let e = lookup::<Ept>(k, space, a[0], EptRights::MAP)?;
+            let mut pool = Pool::default();
+            take_donation(k, space, a[1], &mut pool)?;
+            let ept = k.epts[e as usize].as_mut().ok_or(Status::Inconsistent)?;
+            while let Some(f) = pool.pop() {
+                ept.pool.add(f, 1);
+            }
+            Ok(Outcome::Done([Some(ept.pool.len() as u64), None, None]))
+        }
+        Syscall::EptReclaim => {
+            let e = lookup::<Ept>(k, space, a[0], EptRights::MAP)?;
+            let mut returned = 0u64;
+            while returned < a[2] {
+                let slot = a[1].checked_add(returned).ok_or(Status::InvalidSelector)?;
+                if vacant(k, space, slot).is_err() {
+                    break;
+                }
+                let Some(frame) = k.epts[e as usize].as_mut().and_then(|x| x.pool.pop()) else {
+                    break;
+                };
+                k.donated.release_page(frame);
+                let obj = k.create_memory(frame, 0);
+                k.caps.create(space, slot, ObjectKind::Memory, obj, ObjectKind::Memory.valid_rights())?;
+                returned += 1;
+            }
+            Ok(Outcome::Done([Some(returned), None, None]))
+        }
+        Syscall::EptMap => ept_map(k, space, a),
+        Syscall::EptUnmap => {
+            let e = lookup::<Ept>(k, space, a[0], EptRights::UNMAP)?;
+            let size = page_size(a[2])?;
+            if a[1] % size.bytes() != 0 {
+                return Err(Status::Unaligned);
+            }
+            let node = match k.epts[e as usize].as_ref().and_then(|x| x.mappings.get(&a[1])) {
+                Some(&(node, s)) if s == size => node,
+                _ => return Err(Status::NotMapped),
+            };
+            let mut keys = Vec::new();
+            k.caps.remove_node(node, &mut |_| {}, &mut |_, key| keys.push(key))?;
+            let n = keys.len() as u64;
+            k.drop_mappings(keys);
+            Ok(Outcome::Done([Some(n), None, None]))
+        }
+        Syscall::EptInvalidate => {
+            let e = lookup::<Ept>(k, space, a[0], EptRights::INVALIDATE)?;
+            k.invalidate_ept(e);
+            Ok(DONE)
+        }
+        Syscall::VcpuCreate => {
+            let pd = lookup::<ProtectionDomain>(k, space, a[0], ProtectionDomainRights::CREATE_VCPU)?;
+            vacant(k, space, a[1])?;
+            let e = lookup::<Ept>(k, space, a[2], EptRights::MAP)?;
+            let ep = lookup::<Endpoint>(k, space, a[3], EndpointRights::CALL)?;
+            let config = a[4];
+            let priority = (config & 0xff) as u8;
+            let cpu = ((config >> 8) & 0xff) as usize;
+            if config & 0xffff_0000 != 0 || cpu >= sched::cpu_count() {
+                return Err(Status::InvalidArgument);
+            }
+            let t = k.create_vcpu(pd, e, ep, priority, cpu, (config >> 32) as u32)?;
+            k.caps.create(space, a[1], ObjectKind::Vcpu, t, ObjectKind::Vcpu.valid_rights())?;
+            Ok(DONE)
+        }
+        Syscall::VcpuRun => {
+            let t = lookup::<Vcpu>(k, space, a[0], VcpuRights::RUN)?;
+            k.thread_mut(me).ctx.rax = Status::Ok.code();
+            k.resume(t);
+            Ok(Outcome::Blocked)
+        }
+        Syscall::VcpuRecall => {
+            let t = lookup::<Vcpu>(k, space, a[0], VcpuRights::RECALL)?;
+            k.recall(t);
+            Ok(DONE)
+        }
+        Syscall::VcpuWriteState => {
+            use vcpu::message::{REPLY_WORDS, Reply};
+            let t = lookup::<Vcpu>(k, space, a[0], VcpuRights::WRITE_STATE)?;
+            if k.thread(t).state == State::Running {
+                return Err(Status::Busy);
+            }
+            let mut words = [0u64; REPLY_WORDS];
+            phys::read_words(k.thread(me).utcb + UTCB_WORDS_OFFSET, &mut words);
+            let reply = Reply::from_words(&words).map_err(|_| Status::InvalidArgument)?;
+            k.vcpu_vmcs_here(t)?;
+            let v = k.thread_mut(t).vcpu.as_deref_mut().ok_or(Status::Inconsistent)?;
+            vcpu::message::load(&mut crate::vm::HwVmcs, &mut v.regs, reply.mask, &reply.state)
+                .map_err(|_| Status::InvalidArgument)?;
+            crate::vm::fix_guest_control_registers(true);
+            Ok(DONE)
+        }
+        Syscall::VcpuReadState => {
+            let t = lookup::<Vcpu>(k, space, a[0], VcpuRights::READ_STATE)?;
+            let mask = u32::try_from(a[1])
+                .ok()
+                .and_then(StateMask::from_bits)
+                .ok_or(Status::InvalidArgument)?;
+            if k.thread(t).state == State::Running {
+                return Err(Status::Busy);
+            }
+            k.vcpu_vmcs_here(t)?;
+            let v = k.thread(t).vcpu.as_deref().ok_or(Status::Inconsistent)?;
+            let words = crate::vm::capture_state(v, mask);
+            phys::write_words(k.thread(me).utcb + UTCB_WORDS_OFFSET, &words);
+            Ok(DONE)
+        }
+        Syscall::VcpuSetMask => {
+            let t = lookup::<Vcpu>(k, space, a[0], VcpuRights::WRITE_STATE)?;
+            let mask = u32::try_from(a[2])
+                .ok()
+                .and_then(StateMask::from_bits)
+                .ok_or(Status::InvalidArgument)?;
+            let v = k.thread_mut(t).vcpu.as_deref_mut().ok_or(Status::Inconsistent)?;
+            if a[1] == abi::ALL_EXITS {
+                v.masks = [mask.bits(); 80];
+            } else {
+                *v.masks.get_mut(a[1] as usize).ok_or(Status::InvalidArgument)? = mask.bits();
+            }
+            Ok(DONE)
+        }
+        Syscall::VcpuBind => {
+            let t = lookup::<Vcpu>(k, space, a[0], VcpuRights::BIND)?;
+            let e = lookup::<Ept>(k, space, a[1], EptRights::MAP)?;
+            let v = k.thread_mut(t).vcpu.as_deref_mut().ok_or(Status::Inconsistent)?;
+            v.ept = e;
+            v.eptp_dirty = true;
+            Ok(DONE)
+        }
+        Syscall::VcpuSetAffinity => {
+            let t = lookup::<Vcpu>(k, space, a[0], VcpuRights::RUN)?;
+            let cpu = usize::try_from(a[1]).map_err(|_| Status::InvalidArgument)?;
+            if cpu >= sched::cpu_count() {
+                return Err(Status::InvalidArgument);
+            }
+            k.set_affinity(t, cpu);
+            Ok(DONE)
+        }
         Syscall::DebugExit => {
             if space != 0 {
                 return Err(Status::InsufficientRights);
@@ -334,6 +478,131 @@ fn handle(k: &mut MutexGuard<'static, Kernel>, me: u32, space: u32, nr: u64, a: 
             }
         }
     }
+}
+
+const UTCB_WORDS_OFFSET: u64 = core::mem::offset_of!(abi::Utcb, words) as u64;
+
+fn insert_ept(k: &mut Kernel, ept: EptSpace) -> u32 {
+    if let Some(i) = k.epts.iter().position(Option::is_none) {
+        k.epts[i] = Some(ept);
+        i as u32
+    } else {
+        k.epts.push(Some(ept));
+        (k.epts.len() - 1) as u32
+    }
+}
+
+/// Consumes memory capability `sel` (WRITE, DELEGATE) as a donation to the kernel: it and
+/// everything derived from it go, and its frames join `pool` and the donated set.
+fn take_donation(k: &mut Kernel, space: u32, sel: u64, pool: &mut Pool) -> Result<(), Status> {
+    let m = lookup::<Memory>(k, space, sel, MemoryRights::WRITE | MemoryRights::DELEGATE)?;
+    let obj = k.memory[m as usize].ok_or(Status::Inconsistent)?;
+    let pages = 1u64 << obj.order;
+    let end = obj.base + pages * 4096;
+    if k.donated.overlaps(obj.base, end) {
+        return Err(Status::InsufficientRights);
+    }
+    let mut keys = Vec::new();
+    k.caps.delete_with(space, sel, &mut |_| {}, &mut |_, key| keys.push(key))?;
+    k.drop_mappings(keys);
+    k.donated.add(obj.base, end);
+    pool.add(obj.base, pages);
+    Ok(())
+}
+
+/// `EptMap` (docs/abi.md): memory or another EPT as the source, clamped to the source.
+fn ept_map(k: &mut MutexGuard<'static, Kernel>, space: u32, a: [u64; 6]) -> CallResult {
+    let (src_offset, gpa, flags) = (a[2], a[3], a[4]);
+    if flags >> 20 != 0 || flags & 0xf8 != 0 {
+        return Err(Status::InvalidArgument);
+    }
+    let size = page_size((flags >> 8) & 0xff)?;
+    let memtype = MemType::from_bits(((flags >> 16) & 7) as u8).ok_or(Status::InvalidArgument)?;
+    let ignore_pat = flags & (1 << 19) != 0;
+    let wanted = Rights::from_bits_truncate((flags & 7) as u8);
+    if wanted.is_empty() {
+        return Err(Status::InvalidArgument);
+    }
+    if gpa % size.bytes() != 0 {
+        return Err(Status::Unaligned);
+    }
+    if gpa.checked_add(size.bytes()).is_none_or(|end| end > 1 << 48) {
+        return Err(Status::OutOfRange);
+    }
+    let e = lookup::<Ept>(k, space, a[0], EptRights::MAP)?;
+    if k.epts[e as usize]
+        .as_ref()
+        .is_some_and(|x| x.mappings.contains_key(&gpa))
+    {
+        return Err(Status::AlreadyMapped);
+    }
+    let level = (size.shift() / 9 - 1) as u8;
+    let key = NodeKey::Mapping { space: EPT_SPACE_BASE + e, page: gpa >> 12, level };
+    let (frame, size, rights, memtype, node) = match k.caps.get(space, a[1])?.kind() {
+        ObjectKind::Ept => {
+            let src = lookup::<Ept>(k, space, a[1], EptRights::MAP_SOURCE)?;
+            if src_offset % size.bytes() != 0 {
+                return Err(Status::Unaligned);
+            }
+            let source = k.epts[src as usize].as_ref().ok_or(Status::Inconsistent)?;
+            let leaf = source.lookup(src_offset).ok_or(Status::NotBacked)?;
+            let rights = wanted & leaf.rights;
+            if rights.is_empty() {
+                return Err(Status::NotBacked);
+            }
+            let size = if leaf.size.bytes() < size.bytes() { leaf.size } else { size };
+            let leaf_base = leaf.size.align_down(src_offset);
+            let frame = leaf.frame + (src_offset - leaf_base);
+            let memtype = if leaf.memtype == MemType::Uncacheable { MemType::Uncacheable } else { memtype };
+            let parent = source.mappings.get(&leaf_base).ok_or(Status::Inconsistent)?.0;
+            let key = NodeKey::Mapping { space: EPT_SPACE_BASE + e, page: gpa >> 12, level: (size.shift() / 9 - 1) as u8 };
+            let node = k.caps.derive_from_node(parent, key)?;
+            (frame, size, rights, memtype, node)
+        }
+        _ => {
+            let mut need = MemoryRights::MAP | MemoryRights::READ;
+            if wanted.contains(Rights::WRITE) {
+                need |= MemoryRights::WRITE;
+            }
+            if wanted.contains(Rights::EXECUTE) {
+                need |= MemoryRights::EXECUTE;
+            }
+            let m = lookup::<Memory>(k, space, a[1], need)?;
+            let obj = k.memory[m as usize].ok_or(Status::Inconsistent)?;
+            let pages = size.bytes() / 4096;
+            if src_offset % pages != 0 {
+                return Err(Status::Unaligned);
+            }
+            if src_offset.checked_add(pages).is_none_or(|end| end > 1u64 << obj.order) {
+                return Err(Status::OutOfRange);
+            }
+            let frame = obj.base + src_offset * 4096;
+            if k.donated.overlaps(frame, frame + size.bytes()) {
+                return Err(Status::InsufficientRights);
+            }
+            let node = k.caps.derive_node(space, a[1], key)?;
+            (frame, size, wanted, memtype, node)
+        }
+    };
+    let ept = k.epts[e as usize].as_mut().ok_or(Status::Inconsistent)?;
+    let result = if ept.charge() {
+        ept.map(gpa, frame, size, rights, memtype, ignore_pat).map_err(map_status)
+    } else {
+        Err(Status::OutOfMemory)
+    };
+    if let Err(status) = result {
+        if status != Status::OutOfMemory || ept.budget > 0 {
+            ept.refund();
+        }
+        let _ = k.caps.remove_node(node, &mut |_| {}, &mut |_, _| {});
+        return Err(status);
+    }
+    ept.mappings.insert(gpa, (node, size));
+    Ok(Outcome::Done([
+        Some(u64::from(size.shift() - 12)),
+        Some(u64::from(rights.bits())),
+        Some(u64::from(memtype.bits())),
+    ]))
 }
 
 /// `MemMap`: memory capability a0 (MAP and the rights mapped), offset a1 pages, PD a2,
@@ -374,6 +643,9 @@ fn mem_map(k: &mut MutexGuard<'static, Kernel>, space: u32, a: [u64; 6]) -> Call
     let key = NodeKey::Mapping { space: pd, page: vaddr >> 12, level: (size.shift() / 9 - 1) as u8 };
     let node = k.caps.derive_node(space, a[0], key)?;
     let frame = obj.base + offset * 4096;
+    if k.donated.overlaps(frame, frame + size.bytes()) {
+        return Err(Status::InsufficientRights);
+    }
     let target = k.pds[pd as usize].as_mut().ok_or(Status::Inconsistent)?;
     if let Err(e) = target.aspace.map(vaddr, frame, size, wanted) {
         let _ = k.caps.remove_node(node, &mut |_| {}, &mut |_, _| {});

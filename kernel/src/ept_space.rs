@@ -1,0 +1,259 @@
+//! EPT objects: guest-physical address spaces whose tables and bookkeeping live in memory
+//! their creator donated. Tables are edited through the one walker (`ept::walk`, EPT format).
+
+use crate::paging::{IdentityMemory, MapError};
+use crate::{hw, phys};
+use alloc::collections::BTreeMap;
+use alloc::vec::Vec;
+use caps::NodeId;
+use ept::check::EptCapabilities;
+use ept::entry::{EptEntry, Eptp, MemType, PageSize, Rights};
+use ept::walk::{Decoded, Ept, Level, Visit, Writable, walk, walk_with};
+
+/// Derivation-tree space ids of EPT objects start here (PDs use 0..SPACES).
+pub const EPT_SPACE_BASE: u32 = 0x1000;
+/// Bookkeeping bytes one mapping costs the pool (its derivation-tree node, 24 bytes, and its
+/// entry in the mapping index, rounded up).
+pub const MAPPING_COST: usize = 64;
+
+/// What a lookup in an EPT found.
+#[derive(Clone, Copy, Debug)]
+pub struct EptLeaf {
+    pub frame: u64,
+    pub size: PageSize,
+    pub rights: Rights,
+    pub memtype: MemType,
+}
+
+/// Free donated frames, as runs of pages.
+#[derive(Default)]
+pub struct Pool {
+    runs: Vec<(u64, u64)>,
+    pages: usize,
+}
+
+impl Pool {
+    pub fn add(&mut self, base: u64, pages: u64) {
+        if pages > 0 {
+            self.runs.push((base, pages));
+            self.pages += pages as usize;
+        }
+    }
+
+    pub fn pop(&mut self) -> Option<u64> {
+        let (base, count) = self.runs.last_mut()?;
+        *count -= 1;
+        let frame = *base + *count * 4096;
+        if *count == 0 {
+            self.runs.pop();
+        }
+        self.pages -= 1;
+        Some(frame)
+    }
+
+    pub fn len(&self) -> usize {
+        self.pages
+    }
+}
+
+pub struct EptSpace {
+    pub root: u64,
+    /// Free donated frames.
+    pub pool: Pool,
+    /// Bookkeeping bytes paid for and not yet used.
+    pub budget: usize,
+    /// Mappings: GPA -> (derivation node, size).
+    pub mappings: BTreeMap<u64, (NodeId, PageSize)>,
+    /// CPUs that may hold translations of this EPT (INVEPT targets).
+    pub cpus: u64,
+    pub capabilities: EptCapabilities,
+}
+
+/// The EPT features of this machine (from IA32_VMX_EPT_VPID_CAP).
+pub fn machine_capabilities() -> EptCapabilities {
+    let caps = vcpu::controls::VmxCapabilities::from_msrs(hw::rdmsr).ept_vpid();
+    let (max_ext, ..) = hw::cpuid(0x8000_0000, 0);
+    let max_phys_bits = if max_ext >= 0x8000_0008 {
+        (hw::cpuid(0x8000_0008, 0).0 & 0xff) as u8
+    } else {
+        36
+    };
+    use vcpu::controls::EptVpidCapabilities as C;
+    EptCapabilities {
+        max_phys_bits,
+        execute_only: caps.contains(C::EXECUTE_ONLY),
+        pages_1g: caps.contains(C::PAGES_1G),
+        accessed_dirty: false,
+    }
+}
+
+impl EptSpace {
+    /// A new EPT whose root table comes from `pool`.
+    pub fn new(mut pool: Pool) -> Option<Self> {
+        let root = pool.pop()?;
+        phys::zero(root, 4096);
+        Some(Self {
+            root,
+            pool,
+            budget: 0,
+            mappings: BTreeMap::new(),
+            cpus: 0,
+            capabilities: machine_capabilities(),
+        })
+    }
+
+    /// The EPT pointer: write-back paging structures, 4-level walk, no A/D flags.
+    pub fn eptp(&self) -> u64 {
+        Eptp::new(self.root, false).0
+    }
+
+    /// Pays for one mapping's bookkeeping, turning a pool frame into kernel heap when the
+    /// budget runs out. False when the pool is empty.
+    pub fn charge(&mut self) -> bool {
+        if self.budget < MAPPING_COST {
+            let Some(frame) = self.pool.pop() else { return false };
+            crate::memory::add_to_heap(frame, 4096);
+            self.budget += 4096;
+        }
+        self.budget -= MAPPING_COST;
+        true
+    }
+
+    pub fn refund(&mut self) {
+        self.budget += MAPPING_COST;
+    }
+
+    /// Installs a leaf for `gpa`; tables come from the pool.
+    pub fn map(
+        &mut self,
+        gpa: u64,
+        frame: u64,
+        size: PageSize,
+        rights: Rights,
+        memtype: MemType,
+        ignore_pat: bool,
+    ) -> Result<(), MapError> {
+        let target = Level::of_size(size).number();
+        let leaf = EptEntry::leaf(frame, size, rights & Rights::RWX, memtype, ignore_pat).0;
+        let format = Ept { capabilities: self.capabilities };
+        let pool = &mut self.pool;
+        let mut error = None;
+        let result = walk_with(
+            &format,
+            &mut Writable(&mut IdentityMemory),
+            self.root,
+            gpa,
+            |_, step, decoded| {
+                if step.level == target {
+                    return match decoded {
+                        Decoded::NotPresent => Visit::Replace(leaf),
+                        _ => {
+                            error = Some(MapError::AlreadyMapped);
+                            Visit::Stop
+                        }
+                    };
+                }
+                match decoded {
+                    Decoded::Table { .. } => Visit::Continue,
+                    Decoded::NotPresent => match pool.pop() {
+                        Some(table) => {
+                            phys::zero(table, 4096);
+                            Visit::Replace(EptEntry::table(table, Rights::RWX).0)
+                        }
+                        None => {
+                            error = Some(MapError::OutOfMemory);
+                            Visit::Stop
+                        }
+                    },
+                    Decoded::Leaf { .. } => {
+                        error = Some(MapError::AlreadyMapped);
+                        Visit::Stop
+                    }
+                    Decoded::Invalid(_) => {
+                        error = Some(MapError::Corrupt);
+                        Visit::Stop
+                    }
+                }
+            },
+        );
+        match (error, result) {
+            (Some(e), _) => Err(e),
+            (None, Ok(_)) => Ok(()),
+            (None, Err(_)) => Err(MapError::Corrupt),
+        }
+    }
+
+    /// Clears the leaf of `size` at `gpa`. The caller invalidates.
+    pub fn unmap(&mut self, gpa: u64, size: PageSize) -> Result<(), MapError> {
+        let target = Level::of_size(size).number();
+        let format = Ept { capabilities: self.capabilities };
+        let mut found = Err(MapError::NotMapped);
+        let _ = walk_with(
+            &format,
+            &mut Writable(&mut IdentityMemory),
+            self.root,
+            gpa,
+            |access, step, decoded| match decoded {
+                Decoded::Leaf { size: s, .. } if step.level == target && *s == size => {
+                    found = ept::walk::TableAccess::write(access, step.entry_address(), 0)
+                        .map_err(|_| MapError::Corrupt);
+                    Visit::Stop
+                }
+                Decoded::Table { .. } if step.level > target => Visit::Continue,
+                _ => Visit::Stop,
+            },
+        );
+        found
+    }
+
+    /// What `gpa` maps to.
+    pub fn lookup(&self, gpa: u64) -> Option<EptLeaf> {
+        let format = Ept { capabilities: self.capabilities };
+        let t = walk(&format, &IdentityMemory, self.root, gpa).ok()?;
+        Some(EptLeaf {
+            frame: t.frame,
+            size: t.size,
+            rights: t.rights & Rights::RWX,
+            memtype: t.attributes.memtype,
+        })
+    }
+}
+
+/// Frames a PD donated to the kernel (EPT pools): no mapping may reach them.
+#[derive(Default)]
+pub struct Donated {
+    ranges: BTreeMap<u64, u64>,
+}
+
+impl Donated {
+    pub const fn new() -> Self {
+        Self { ranges: BTreeMap::new() }
+    }
+
+    pub fn add(&mut self, start: u64, end: u64) {
+        self.ranges.insert(start, end);
+    }
+
+    /// Whether `[start, end)` overlaps donated memory.
+    pub fn overlaps(&self, start: u64, end: u64) -> bool {
+        self.ranges
+            .range(..end)
+            .next_back()
+            .is_some_and(|(_, &e)| e > start)
+    }
+
+    /// Gives back one page: splits the range holding it.
+    pub fn release_page(&mut self, page: u64) {
+        let Some((&s, &e)) = self.ranges.range(..=page).next_back() else { return };
+        if page >= e {
+            return;
+        }
+        self.ranges.remove(&s);
+        if s < page {
+            self.ranges.insert(s, page);
+        }
+        if page + 4096 < e {
+            self.ranges.insert(page + 4096, e);
+        }
+    }
+}
