@@ -839,3 +839,76 @@ proptest! {
         run(&mut Sys::new(SliceStorage::new(&mut memory)), Some(len), &ops)?;
     }
 }
+
+// ---- Mappings and derived objects in the same tree ------------------------------------------
+
+fn mapping(space: u32, page: u64) -> NodeKey {
+    NodeKey::Mapping { space, page, level: 0 }
+}
+
+#[test]
+fn revoking_a_capability_removes_mappings_derived_from_its_copies() {
+    let mut sys = system();
+    sys.create(0, 0, ObjectKind::Memory, 7, ALL_MEMORY).unwrap();
+    sys.delegate(0, 0, 1, 3, ALL_MEMORY).unwrap();
+    let map = sys.derive_node(1, 3, mapping(1, 0x100)).unwrap();
+    let shadow = sys.derive_from_node(map, mapping(0x1001, 0x200)).unwrap();
+    let (mut caps, mut nodes) = (Vec::new(), Vec::new());
+    let n = sys
+        .revoke_with(0, 0, &mut |c| caps.push(c), &mut |id, key| nodes.push((id, key)))
+        .unwrap();
+    assert_eq!(n, 3);
+    assert_eq!(caps.len(), 1);
+    assert_eq!((caps[0].space, caps[0].slot), (1, 3));
+    let keys: BTreeSet<_> = nodes.iter().map(|(_, k)| *k).collect();
+    assert!(keys.contains(&mapping(1, 0x100)) && keys.contains(&mapping(0x1001, 0x200)));
+    assert!(!sys.tree().contains(map) && !sys.tree().contains(shadow));
+    assert!(sys.get(0, 0).is_ok(), "revoke keeps the capability itself");
+    assert_eq!(sys.len(), 1);
+}
+
+#[test]
+fn removing_a_mapping_node_removes_only_its_subtree() {
+    let mut sys = system();
+    sys.create(0, 0, ObjectKind::Memory, 1, ALL_MEMORY).unwrap();
+    let a = sys.derive_node(0, 0, mapping(0, 1)).unwrap();
+    let b = sys.derive_node(0, 0, mapping(0, 2)).unwrap();
+    let a_child = sys.derive_from_node(a, mapping(0x1000, 9)).unwrap();
+    let mut removed = Vec::new();
+    let n = sys.remove_node(a, &mut |_| {}, &mut |id, _| removed.push(id)).unwrap();
+    assert_eq!(n, 2);
+    assert_eq!(removed, vec![a_child, a]);
+    assert!(sys.tree().contains(b));
+    assert!(sys.get(0, 0).is_ok());
+}
+
+#[test]
+fn capability_keys_cannot_be_recorded_as_plain_nodes() {
+    let mut sys = system();
+    sys.create(0, 0, ObjectKind::Memory, 1, ALL_MEMORY).unwrap();
+    let key = NodeKey::Capability { space: 0, slot: 5 };
+    assert_eq!(sys.derive_node(0, 0, key), Err(CapError::Inconsistent));
+    let cap_node = sys.get(0, 0).unwrap().node();
+    assert_eq!(
+        sys.remove_node(cap_node, &mut |_| {}, &mut |_, _| {}),
+        Err(CapError::Inconsistent)
+    );
+}
+
+#[test]
+fn derived_objects_keep_the_kind_narrow_the_rights_and_go_with_the_source() {
+    let mut sys = system();
+    sys.create(0, 0, ObjectKind::Memory, 1, ALL_MEMORY).unwrap();
+    let part = sys
+        .derive_object(0, 0, 0, 1, 42, (MemoryRights::READ | MemoryRights::MAP).bits())
+        .unwrap();
+    assert_eq!(part.kind(), ObjectKind::Memory);
+    assert_eq!(part.object(), 42);
+    assert_eq!(part.rights(), (MemoryRights::READ | MemoryRights::MAP).bits());
+    assert_eq!(sys.parent_of(0, 1), Ok(Some((0, 0))));
+    assert_eq!(sys.derive_object(0, 0, 0, 1, 43, ALL_MEMORY), Err(CapError::SlotOccupied));
+    let (r, removed) = removed_by(&mut sys, 0, 0, false);
+    assert_eq!(r, Ok(1));
+    assert_eq!(removed[0].capability.object(), 42);
+    assert_eq!(sys.get(0, 1), Err(CapError::EmptySlot));
+}
