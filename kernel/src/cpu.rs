@@ -301,8 +301,8 @@ pub fn init_this_cpu() {
 
 /// Sets where the CPU puts the frame of an interrupt or exception taken in user mode
 /// (TSS.RSP0): the end of the current thread's saved-register frame.
-pub fn set_user_trap_frame(top: u64) {
-    let tss = percpu::current().tss.load(core::sync::atomic::Ordering::Relaxed);
+pub fn set_user_trap_frame(cpu: &percpu::PerCpu, top: u64) {
+    let tss = cpu.tss.load(core::sync::atomic::Ordering::Relaxed);
     if tss == 0 {
         return;
     }

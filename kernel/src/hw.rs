@@ -355,6 +355,20 @@ pub unsafe fn set_gs_base(base: u64) {
     unsafe { wrmsr(msr::IA32_GS_BASE, base) }
 }
 
+/// Reads the u32 at `offset` in the per-CPU block GS points at.
+///
+/// Only valid after `percpu::install` set IA32_GS_BASE on this CPU (the kernel installs it
+/// before enabling interrupts or entering user mode, and this is used only after that).
+pub fn gs_read_u32(offset: usize) -> u32 {
+    let v: u32;
+    // SAFETY: GS points at this CPU's per-CPU block (a static), and `offset` is a field
+    // offset inside it (callers pass `offset_of!`), so the read is in bounds.
+    unsafe {
+        asm!("mov {:e}, gs:[{}]", out(reg) v, in(reg) offset, options(nostack, readonly, preserves_flags))
+    };
+    v
+}
+
 /// Reads IA32_GS_BASE.
 pub fn gs_base() -> u64 {
     rdmsr(msr::IA32_GS_BASE)

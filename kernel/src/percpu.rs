@@ -136,6 +136,13 @@ pub fn current_index_or_zero() -> usize {
     if idx < MAX_CPUS { idx } else { 0 }
 }
 
+/// This CPU's index through GS: one load. Only after `install` ran on this CPU (the
+/// scheduler and the entry paths); early boot code uses `current_index_or_zero`.
+#[inline(always)]
+pub fn index() -> usize {
+    hw::gs_read_u32(core::mem::offset_of!(PerCpu, index)) as usize
+}
+
 /// This CPU's block.
 pub fn current() -> &'static PerCpu {
     &CPUS[current_index_or_zero()]

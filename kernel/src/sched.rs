@@ -185,8 +185,9 @@ pub fn kernel() -> MutexGuard<'static, Kernel> {
     }
 }
 
+#[inline(always)]
 fn this_cpu() -> usize {
-    percpu::current_index_or_zero()
+    percpu::index()
 }
 
 fn shootdown_poll() {
@@ -371,10 +372,10 @@ impl Kernel {
         }
         let base = &self.thread(next).ctx as *const TrapFrame as u64;
         let top = base + core::mem::size_of::<TrapFrame>() as u64;
-        let pc = percpu::current();
+        let pc = &CPUS[me];
         pc.context_base.store(base, Ordering::Relaxed);
         pc.context_top.store(top, Ordering::Relaxed);
-        cpu::set_user_trap_frame(top);
+        cpu::set_user_trap_frame(pc, top);
     }
 
     /// The current thread stopped running (blocked or suspended): save its FPU state and
@@ -564,6 +565,70 @@ impl Kernel {
                 self.schedule();
             }
         }
+    }
+
+    /// The IPC fast path (the common case of `Call` and `ReplyRecv`, decided with a handful of
+    /// checks): a register-only message, no capability transfer, partner on this CPU and a
+    /// plain thread, and for `ReplyRecv` a caller to answer and no sender queued. It does
+    /// exactly what `call` and `reply_recv` do in that case, switching directly to the
+    /// partner; anything else returns false and takes the slow path, which validates and
+    /// reports errors.
+    pub fn fast_ipc(&mut self, me: u32, space: u32, call: bool, a: &[u64; 6]) -> bool {
+        use caps::{EndpointRights, ObjectKind};
+        if a[1] & 0xffff != 0 {
+            return false;
+        }
+        let Ok(cap) = self.caps.get(space, a[0]) else { return false };
+        let need = if call { EndpointRights::CALL } else { EndpointRights::RECEIVE };
+        if cap.kind() != ObjectKind::Endpoint || cap.rights() & need.bits() == 0 {
+            return false;
+        }
+        let ep = cap.object() as usize;
+        let cpu = this_cpu();
+        let partner = if call {
+            match self.endpoints.get(ep).and_then(Option::as_ref).and_then(|e| e.receivers.front()) {
+                Some(&r) => r,
+                None => return false,
+            }
+        } else {
+            match self.thread(me).caller {
+                Some(c) => c,
+                None => return false,
+            }
+        };
+        let p = self.thread(partner);
+        if p.cpu != cpu || p.vcpu.is_some() || p.in_fault || p.in_exit {
+            return false;
+        }
+        let Some(endpoint) = self.endpoints.get_mut(ep).and_then(Option::as_mut) else {
+            return false;
+        };
+        if call {
+            endpoint.receivers.pop_front();
+        } else {
+            if !endpoint.senders.is_empty() {
+                return false;
+            }
+            endpoint.receivers.push_back(me);
+        }
+        let ctx = &mut self.thread_mut(partner).ctx;
+        ctx.rax = Status::Ok.code();
+        ctx.rdi = 0;
+        ctx.rsi = a[1] & 0xffff_0000;
+        ctx.rdx = a[2];
+        ctx.r10 = a[3];
+        ctx.r8 = a[4];
+        ctx.r9 = a[5];
+        let t = self.thread_mut(me);
+        if call {
+            t.state = State::ReplyBlocked;
+            self.thread_mut(partner).caller = Some(me);
+        } else {
+            t.caller = None;
+            t.state = State::RecvBlocked(ep as u32);
+        }
+        self.switch_to(partner);
+        true
     }
 
     /// Answers `caller` on behalf of `me`; the caller is then ready (not yet queued) or
@@ -906,6 +971,12 @@ fn resume(mut k: MutexGuard<'static, Kernel>) -> ! {
             }
         }
     }
+}
+
+/// Resumes the current thread in user mode right away (after the IPC fast path).
+pub fn enter_current_user(k: MutexGuard<'static, Kernel>) -> ! {
+    drop(k);
+    entry::enter_user()
 }
 
 /// Runs the first ready thread on this CPU, halting until there is one.

@@ -33,13 +33,24 @@ const DONE: Outcome = Outcome::Done([None; 3]);
 /// Entered from `entry::syscall_entry` on the CPU's kernel stack. The frame pointer is the
 /// current thread's context, which is read and written through the kernel lock instead.
 #[unsafe(no_mangle)]
-extern "C" fn syscall_dispatch(_frame: *mut TrapFrame) {
+extern "C" fn syscall_dispatch(_frame: *mut TrapFrame) -> ! {
     let mut k = sched::kernel();
     let me = k.current();
     let c = &k.thread(me).ctx;
     let nr = c.rax;
     let a = [c.rdi, c.rsi, c.rdx, c.r10, c.r8, c.r9];
     let space = k.pd_of(me);
+    if (nr == Syscall::Call as u64 || nr == Syscall::ReplyRecv as u64)
+        && k.fast_ipc(me, space, nr == Syscall::Call as u64, &a)
+    {
+        sched::enter_current_user(k);
+    }
+    slow_path(k, me, space, nr, a)
+}
+
+/// Every call the fast path does not take: full validation, then the mechanism.
+#[inline(never)]
+fn slow_path(mut k: MutexGuard<'static, Kernel>, me: u32, space: u32, nr: u64, a: [u64; 6]) -> ! {
     let result = handle(&mut k, me, space, nr, a);
     let ctx = &mut k.thread_mut(me).ctx;
     match result {
@@ -54,7 +65,7 @@ extern "C" fn syscall_dispatch(_frame: *mut TrapFrame) {
         Ok(Outcome::Blocked) => {}
         Err(status) => ctx.rax = status.code(),
     }
-    sched::finish(k);
+    sched::finish(k)
 }
 
 fn lookup<T: ObjectType>(k: &Kernel, space: u32, sel: u64, rights: T::Rights) -> Result<u32, Status> {

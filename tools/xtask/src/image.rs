@@ -7,8 +7,15 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
 
-/// Binaries built for the target: (cargo package, binary name).
-const TARGET_BINARIES: &[(&str, &str)] = &[("kernel", "capvisor")];
+/// Binaries built for the target: (cargo package, binary name, directory cargo runs in).
+/// User-level programs build from `userland/`: its `.cargo/config.toml` makes their code
+/// position independent, as code linked above `abi::USER_BASE` must be (the workspace's
+/// `relocation-model=static` is for the kernel).
+pub const TARGET_BINARIES: &[(&str, &str, &str)] = &[
+    ("kernel", "capvisor", "."),
+    ("roottask", "roottask", "userland"),
+    ("echo", "echo", "userland"),
+];
 
 /// A boot module: the binary and the name given to it on the `module2` line.
 pub struct Module {
@@ -16,9 +23,13 @@ pub struct Module {
     pub name: &'static str,
 }
 
-/// The modules a scenario boots with (later scenarios add the root task, servers, guests).
-fn modules_for(_scenario: &str) -> Vec<Module> {
-    Vec::new()
+/// The modules a scenario boots with; the kernel starts the first as the root task.
+fn modules_for(scenario: &str) -> Vec<Module> {
+    let module = |binary, name| Module { binary, name };
+    match scenario {
+        "ipc" | "ipc-bench" => vec![module("roottask", "roottask"), module("echo", "echo")],
+        _ => Vec::new(),
+    }
 }
 
 fn cargo() -> String {
@@ -43,18 +54,23 @@ pub fn build_binaries() -> Result<(), String> {
     BUILT
         .get_or_init(|| {
             step!("building the kernel and user-level binaries ({TARGET}, release)");
-            let mut cmd = Command::new(cargo());
-            cmd.current_dir(root())
-                .args(["build", "--release", "--target", TARGET]);
-            for (pkg, _) in TARGET_BINARIES {
-                cmd.args(["-p", pkg]);
+            let mut dirs: Vec<&str> = TARGET_BINARIES.iter().map(|b| b.2).collect();
+            dirs.dedup();
+            for dir in dirs {
+                let mut cmd = Command::new(cargo());
+                cmd.current_dir(root().join(dir))
+                    .args(["build", "--release", "--target", TARGET]);
+                for (pkg, _, _) in TARGET_BINARIES.iter().filter(|b| b.2 == dir) {
+                    cmd.args(["-p", pkg]);
+                }
+                let status = cmd.status().map_err(|e| format!("cannot run cargo: {e}"))?;
+                if !status.success() {
+                    return Err(
+                        "building the target binaries failed (see cargo's output above)".into(),
+                    );
+                }
             }
-            let status = cmd.status().map_err(|e| format!("cannot run cargo: {e}"))?;
-            if status.success() {
-                Ok(())
-            } else {
-                Err("building the target binaries failed (see cargo's output above)".into())
-            }
+            Ok(())
         })
         .clone()
 }

@@ -59,10 +59,14 @@ pub fn cases() -> Vec<Case> {
 }
 
 fn cargo(args: &[&str]) -> Result<(), String> {
+    cargo_in(".", args)
+}
+
+fn cargo_in(dir: &str, args: &[&str]) -> Result<(), String> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    step!("cargo {}", args.join(" "));
+    step!("cargo {} (in {dir})", args.join(" "));
     let status = Command::new(cargo)
-        .current_dir(root())
+        .current_dir(root().join(dir))
         .args(args)
         .status()
         .map_err(|e| format!("cannot run cargo: {e}"))?;

@@ -1,0 +1,503 @@
+//! The vCPU and EPT system calls (`docs/abi.md`, "EPT objects" and "vCPUs"), VM exits as IPC
+//! calls, and the root task's protocol with the VMM server.
+//!
+//! - EPT objects: [`ept_create`], [`ept_donate`], [`ept_reclaim`], [`ept_map`], [`ept_unmap`],
+//!   [`ept_invalidate`];
+//! - vCPUs: [`vcpu_create`], [`vcpu_run`], [`vcpu_recall`], [`vcpu_write_state`],
+//!   [`vcpu_read_state`], [`vcpu_set_mask`], [`vcpu_bind`], [`vcpu_set_affinity`];
+//! - exits: [`exit_recv`], [`exit_reply_recv`] and [`exit_reply`] receive an exit as an
+//!   [`ExitCall`] (with the badge, which [`crate::sys`]'s IPC wrappers drop) and answer it with an
+//!   [`ExitReply`]; [`read_exit_message`] and [`write_reply`] move the `vcpu::message` images
+//!   through the UTCB, touching only the words of the groups the mask names;
+//! - [`protocol`]: the root task's slots and labels for the VMM server.
+
+use crate::sys::{Message, Result, Selector, status_of};
+use crate::syscall::syscall;
+use crate::utcb;
+use abi::{LABEL_RECALL, LABEL_VM_EXIT, MessageInfo, Status, Syscall};
+use vcpu::message::{
+    DecodeError, EXIT_MESSAGE_WORDS, ExitMessage, REPLY_WORDS, Reply, StateMask, word,
+};
+
+#[inline(always)]
+fn invoke(call: Syscall, args: [u64; 6]) -> Result<[u64; 6]> {
+    let r = syscall(call as u64, args);
+    if r.status == Status::Ok.code() {
+        Ok(r.results)
+    } else {
+        Err(status_of(r.status))
+    }
+}
+
+// ---- EPT objects ----
+
+/// `EptCreate`: a new EPT object paid by `pd` (CREATE_EPT), its capability in `dest`; `memory`
+/// (WRITE, DELEGATE) is donated as its pool and consumed.
+pub fn ept_create(pd: Selector, dest: Selector, memory: Selector) -> Result<()> {
+    invoke(Syscall::EptCreate, [pd, dest, memory, 0, 0, 0]).map(|_| ())
+}
+
+/// `EptDonate`: adds `memory` (WRITE, DELEGATE, consumed) to the pool of `ept` (MAP); returns
+/// the pool's free pages.
+pub fn ept_donate(ept: Selector, memory: Selector) -> Result<u64> {
+    invoke(Syscall::EptDonate, [ept, memory, 0, 0, 0, 0]).map(|r| r[0])
+}
+
+/// `EptReclaim`: returns at most `most` free pool pages of `ept` (MAP) as order-0 memory
+/// capabilities in the slots from `first_dest`; returns how many.
+pub fn ept_reclaim(ept: Selector, first_dest: Selector, most: u64) -> Result<u64> {
+    invoke(Syscall::EptReclaim, [ept, first_dest, most, 0, 0, 0]).map(|r| r[0])
+}
+
+/// What `EptMap` mapped: the order, the rights (bit 0 R, 1 W, 2 X) and the EPT memory type,
+/// after the kernel's clamping.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EptMapped {
+    pub order: u64,
+    pub rights: u64,
+    pub memtype: u64,
+}
+
+/// `EptMap`: maps into `ept` (MAP) at `gpa` the page(s) of `source` at `source_offset`: pages of
+/// a memory capability, or the guest-physical address in another EPT object (MAP_SOURCE).
+/// `flags` come from `abi::ept_map_flags`.
+#[inline(always)]
+pub fn ept_map(
+    ept: Selector,
+    source: Selector,
+    source_offset: u64,
+    gpa: u64,
+    flags: u64,
+) -> Result<EptMapped> {
+    invoke(Syscall::EptMap, [ept, source, source_offset, gpa, flags, 0]).map(|r| EptMapped {
+        order: r[0],
+        rights: r[1],
+        memtype: r[2],
+    })
+}
+
+/// `EptUnmap`: removes the `2^order`-page entry at `gpa` from `ept` (UNMAP); returns how many
+/// entries went, derived ones included.
+pub fn ept_unmap(ept: Selector, gpa: u64, order: u64) -> Result<u64> {
+    invoke(Syscall::EptUnmap, [ept, gpa, order, 0, 0, 0]).map(|r| r[0])
+}
+
+/// `EptInvalidate` (INVALIDATE): INVEPT for `ept` on every CPU that may cache it.
+pub fn ept_invalidate(ept: Selector) -> Result<()> {
+    invoke(Syscall::EptInvalidate, [ept, 0, 0, 0, 0, 0]).map(|_| ())
+}
+
+// ---- vCPUs ----
+
+/// `VcpuCreate`: a suspended vCPU paid by `pd` (CREATE_VCPU), bound to `ept` (MAP) and sending
+/// its exits to `exit_endpoint` (CALL), its capability in `dest`. `config` comes from
+/// `abi::vcpu_config` (priority, CPU, badge).
+pub fn vcpu_create(
+    pd: Selector,
+    dest: Selector,
+    ept: Selector,
+    exit_endpoint: Selector,
+    config: u64,
+) -> Result<()> {
+    invoke(
+        Syscall::VcpuCreate,
+        [pd, dest, ept, exit_endpoint, config, 0],
+    )
+    .map(|_| ())
+}
+
+/// `VcpuRun` (RUN).
+pub fn vcpu_run(vcpu: Selector) -> Result<()> {
+    invoke(Syscall::VcpuRun, [vcpu, 0, 0, 0, 0, 0]).map(|_| ())
+}
+
+/// `VcpuRecall` (RECALL): forces an exit (label `LABEL_RECALL`).
+pub fn vcpu_recall(vcpu: Selector) -> Result<()> {
+    invoke(Syscall::VcpuRecall, [vcpu, 0, 0, 0, 0, 0]).map(|_| ())
+}
+
+/// `VcpuWriteState` (WRITE_STATE): writes the groups of `reply.mask` (all 72 reply words go to
+/// the caller's UTCB first). Only while the vCPU does not run (`Busy`).
+pub fn vcpu_write_state(vcpu: Selector, reply: &Reply) -> Result<()> {
+    utcb::write_words(&reply.to_words());
+    invoke(Syscall::VcpuWriteState, [vcpu, 0, 0, 0, 0, 0]).map(|_| ())
+}
+
+/// `VcpuReadState` (READ_STATE): the groups of `mask`, as an exit-message image.
+pub fn vcpu_read_state(vcpu: Selector, mask: StateMask) -> Result<ExitMessage> {
+    invoke(
+        Syscall::VcpuReadState,
+        [vcpu, u64::from(mask.bits()), 0, 0, 0, 0],
+    )?;
+    let mut words = [0; EXIT_MESSAGE_WORDS];
+    utcb::read_words(&mut words);
+    ExitMessage::from_words(&words).map_err(|_| Status::Inconsistent)
+}
+
+/// `VcpuSetMask` (WRITE_STATE): the state groups exits with basic reason `reason` carry
+/// (`abi::ALL_EXITS` for every reason).
+pub fn vcpu_set_mask(vcpu: Selector, reason: u64, mask: StateMask) -> Result<()> {
+    invoke(
+        Syscall::VcpuSetMask,
+        [vcpu, reason, u64::from(mask.bits()), 0, 0, 0],
+    )
+    .map(|_| ())
+}
+
+/// `VcpuBind` (BIND): binds the vCPU to `ept` (MAP).
+pub fn vcpu_bind(vcpu: Selector, ept: Selector) -> Result<()> {
+    invoke(Syscall::VcpuBind, [vcpu, ept, 0, 0, 0, 0]).map(|_| ())
+}
+
+/// `VcpuSetAffinity` (RUN): moves the vCPU to CPU `cpu`.
+pub fn vcpu_set_affinity(vcpu: Selector, cpu: u64) -> Result<()> {
+    invoke(Syscall::VcpuSetAffinity, [vcpu, cpu, 0, 0, 0, 0]).map(|_| ())
+}
+
+// ---- Exits as IPC ----
+
+/// A call received on an exit endpoint (or any call, with its badge): the badge (r0), the
+/// info word and the four register words. A VM exit carries [exit reason, qualification,
+/// guest-physical address, guest RIP] and its `ExitMessage` image in the UTCB.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ExitCall {
+    pub badge: u64,
+    pub info: MessageInfo,
+    pub words: [u64; 4],
+}
+
+impl ExitCall {
+    pub const fn label(&self) -> u16 {
+        self.info.label()
+    }
+
+    /// The basic exit reason of a VM-exit message (`LABEL_VM_EXIT + reason`).
+    pub const fn exit_reason(&self) -> Option<u16> {
+        match self.info.label().checked_sub(LABEL_VM_EXIT) {
+            Some(reason) if self.info.label() != LABEL_RECALL => Some(reason),
+            _ => None,
+        }
+    }
+
+    /// Whether this is the exit a `VcpuRecall` forced.
+    pub const fn is_recall(&self) -> bool {
+        self.info.label() == LABEL_RECALL
+    }
+
+    /// The call as a plain [`Message`] (without the badge).
+    pub const fn message(&self) -> Message {
+        Message {
+            info: self.info,
+            words: self.words,
+        }
+    }
+}
+
+/// The answer to an exit.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ExitReply {
+    /// No UTCB words: resume the guest unchanged.
+    Resume,
+    /// A `Reply` image (72 words) already in the UTCB ([`write_reply`]).
+    Written,
+}
+
+impl ExitReply {
+    const fn info(self) -> u64 {
+        match self {
+            ExitReply::Resume => MessageInfo::new(0, 0).0,
+            ExitReply::Written => MessageInfo::new(0, REPLY_WORDS).0,
+        }
+    }
+}
+
+#[inline(always)]
+fn exit_call_of(r: [u64; 6]) -> ExitCall {
+    ExitCall {
+        badge: r[0],
+        info: MessageInfo(r[1]),
+        words: [r[2], r[3], r[4], r[5]],
+    }
+}
+
+/// `Recv` on `endpoint` (RECEIVE), keeping the badge.
+#[inline(always)]
+pub fn exit_recv(endpoint: Selector) -> Result<ExitCall> {
+    invoke(Syscall::Recv, [endpoint, 0, 0, 0, 0, 0]).map(exit_call_of)
+}
+
+/// `ReplyRecv`: answers the outstanding exit with `reply`, then waits on `endpoint` for the next
+/// call, keeping its badge.
+#[inline(always)]
+pub fn exit_reply_recv(endpoint: Selector, reply: ExitReply) -> Result<ExitCall> {
+    invoke(Syscall::ReplyRecv, [endpoint, reply.info(), 0, 0, 0, 0]).map(exit_call_of)
+}
+
+/// `Reply`: answers the outstanding exit with `reply` and goes on.
+pub fn exit_reply(reply: ExitReply) -> Result<()> {
+    invoke(Syscall::Reply, [0, reply.info(), 0, 0, 0, 0]).map(|_| ())
+}
+
+/// First word and length of each state group in the encoded guest state (`vcpu::message`).
+const GROUPS: [(StateMask, usize, usize); 15] = [
+    (StateMask::GPRS, word::GPRS, 15),
+    (StateMask::RIP_RSP_RFLAGS, word::RIP_RSP_RFLAGS, 3),
+    (StateMask::CR, word::CR, 4),
+    (StateMask::DR7, word::DR7, 1),
+    (StateMask::SEGMENTS, word::SEGMENTS, 16),
+    (StateMask::DESCRIPTOR_TABLES, word::DESCRIPTOR_TABLES, 3),
+    (StateMask::EFER_PAT, word::EFER_PAT, 2),
+    (StateMask::SYSENTER, word::SYSENTER, 3),
+    (StateMask::SYSCALL_MSRS, word::SYSCALL_MSRS, 5),
+    (
+        StateMask::INTERRUPTIBILITY_ACTIVITY,
+        word::INTERRUPTIBILITY_ACTIVITY,
+        2,
+    ),
+    (StateMask::EVENT_INJECTION, word::EVENT_INJECTION, 2),
+    (StateMask::TSC, word::TSC, 1),
+    (StateMask::PREEMPTION_TIMER, word::PREEMPTION_TIMER, 1),
+    (StateMask::CONTROLS, word::CONTROLS, 8),
+    (StateMask::PDPTES, word::PDPTES, 4),
+];
+
+/// Guest-state words whose high halves are reserved: a decoder refuses them when nonzero
+/// whatever the mask, so [`write_reply`] always writes them.
+const RESERVED_HIGH: [usize; 3] = [
+    word::SYSENTER,
+    word::EVENT_INJECTION + 1,
+    word::PREEMPTION_TIMER,
+];
+
+/// Header words of an exit message before the guest state.
+const EXIT_HEADER_WORDS: usize = EXIT_MESSAGE_WORDS - vcpu::message::GUEST_STATE_WORDS;
+/// Header words of a reply before the guest state.
+const REPLY_HEADER_WORDS: usize = REPLY_WORDS - vcpu::message::GUEST_STATE_WORDS;
+
+/// Reads the exit message a VM exit left in the UTCB. Only the words the message's mask (its
+/// word 0) makes meaningful are read: the exit reason, the exit information with `EXIT_INFO`,
+/// and the named groups; the others decode as zero.
+#[inline]
+pub fn read_exit_message() -> core::result::Result<ExitMessage, DecodeError> {
+    let mut words = [0u64; EXIT_MESSAGE_WORDS];
+    words[0] = utcb::word(0);
+    let mask = StateMask::from_bits_truncate(words[0] as u32);
+    if mask.contains(StateMask::EXIT_INFO) {
+        for (i, w) in words[1..EXIT_HEADER_WORDS].iter_mut().enumerate() {
+            *w = utcb::word(1 + i);
+        }
+    } else {
+        words[1] = utcb::word(1);
+    }
+    for (group, first, len) in GROUPS {
+        if mask.contains(group) {
+            let at = EXIT_HEADER_WORDS + first;
+            for (i, w) in words[at..at + len].iter_mut().enumerate() {
+                *w = utcb::word(at + i);
+            }
+        }
+    }
+    ExitMessage::from_words(&words)
+}
+
+/// Writes `reply` into the UTCB for an [`ExitReply::Written`] answer: the header, the groups
+/// of its mask and the words with reserved halves (the kernel ignores the other groups' words).
+/// Returns the answer to pass on.
+#[inline]
+pub fn write_reply(reply: &Reply) -> ExitReply {
+    let words = reply.to_words();
+    utcb::set_word(0, words[0]);
+    utcb::set_word(1, words[1]);
+    for (group, first, len) in GROUPS {
+        if reply.mask.contains(group) {
+            let at = REPLY_HEADER_WORDS + first;
+            for (i, w) in words[at..at + len].iter().enumerate() {
+                utcb::set_word(at + i, *w);
+            }
+        }
+    }
+    for at in RESERVED_HIGH {
+        utcb::set_word(REPLY_HEADER_WORDS + at, words[REPLY_HEADER_WORDS + at]);
+    }
+    ExitReply::Written
+}
+
+// ---- The root task's protocol with the VMM server ----
+
+/// How the root task starts a VMM server and asks it to run guests.
+///
+/// The VMM is a boot module started by `roottask`'s `spawn` (slots 0 to 2 as every child:
+/// its PD, its thread, its service endpoint with RECEIVE). Before its first request the root
+/// task fills these slots:
+///
+/// | VMM slot | capability | rights |
+/// |---:|---|---|
+/// | [`RAM`] | guest memory: `2^RAM_ORDER` pages the VMM maps into its guests' EPTs | all |
+/// | [`POOL`] | memory the VMM splits and donates to its EPT objects | all |
+/// | [`IMAGE`] | a copy of the guest image (an ELF file) | READ, MAP |
+/// | [`REPORT`] | the root task's endpoint for [`REPORT_LABEL`] calls | CALL |
+///
+/// A guest run: the root task calls the service endpoint with [`RUN`]; the VMM answers at once
+/// ([`RUN_OK`] or [`RUN_ERROR`] with the status in word 0); when the guest has ended, the VMM
+/// calls [`REPORT`] with [`REPORT_LABEL`] and the words below, and waits for any reply.
+pub mod protocol {
+    /// VMM slot: guest memory.
+    pub const RAM: u64 = 3;
+    /// VMM slot: memory for EPT pools.
+    pub const POOL: u64 = 4;
+    /// VMM slot: the guest image.
+    pub const IMAGE: u64 = 5;
+    /// VMM slot: the endpoint reports go to.
+    pub const REPORT: u64 = 6;
+    /// Size of [`RAM`]: 2^12 pages (16 MiB).
+    pub const RAM_ORDER: u64 = 12;
+    /// Size of [`POOL`]: 2^9 pages (2 MiB).
+    pub const POOL_ORDER: u64 = 9;
+    /// Largest guest image: 2^9 pages (2 MiB).
+    pub const IMAGE_MAX_ORDER: u64 = 9;
+
+    /// Run a guest: words [image size in bytes, vCPU count, [`Mode`], flags | CPU count << 8].
+    pub const RUN: u16 = 0x5601;
+    pub const RUN_OK: u16 = 0x5602;
+    pub const RUN_ERROR: u16 = 0x5603;
+    /// A guest ended: words [guest number, [`Outcome`] code, detail, timer interrupts
+    /// injected], and [`REPORT_WORDS`] extra words (indices below) in the UTCB.
+    pub const REPORT_LABEL: u16 = 0x5604;
+
+    /// Flag of RUN word 3: after the third timer interrupt of the last vCPU, move it to the
+    /// next CPU.
+    pub const FLAG_MIGRATE: u64 = 1 << 0;
+    /// Most vCPUs per guest.
+    pub const MAX_VCPUS: u64 = 8;
+
+    /// Extra report words.
+    pub const REPORT_WORDS: usize = 12;
+    /// Exits handled.
+    pub const R_EXITS: usize = 0;
+    /// EPT violations answered with a fresh page.
+    pub const R_DEMAND_FAULTS: usize = 1;
+    /// CPUID exits.
+    pub const R_CPUID_EXITS: usize = 2;
+    /// I/O exits.
+    pub const R_IO_EXITS: usize = 3;
+    /// MSR exits.
+    pub const R_MSR_EXITS: usize = 4;
+    /// The migrated vCPU's CPU before and after (`u64::MAX`: no migration).
+    pub const R_MIGRATED_FROM: usize = 5;
+    pub const R_MIGRATED_TO: usize = 6;
+    /// Benchmark mode: the guest's medians (CPUID round trip, demand fault), emulated cycles.
+    pub const R_GUEST_CPUID: usize = 7;
+    pub const R_GUEST_EPT_FAULT: usize = 8;
+    /// The VMM's share (message arrival to reply), medians over the CPUID exits and the
+    /// demand faults.
+    pub const R_VMM_CPUID: usize = 9;
+    pub const R_VMM_EPT_FAULT: usize = 10;
+    /// Guest RAM pages used.
+    pub const R_PAGES: usize = 11;
+
+    /// What the guest is asked to do (RUN word 2; the guest gets it in RSI bits 15:8).
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    #[repr(u64)]
+    pub enum Mode {
+        /// Every check, then PASS or FAIL on the debug-exit port.
+        Checks = 0,
+        /// Triple-fault on purpose (a zero-limit IDT and INT3).
+        TripleFault = 1,
+        /// The exit benchmarks; results on the result port.
+        Bench = 2,
+    }
+
+    impl Mode {
+        pub const fn from_code(code: u64) -> Option<Self> {
+            match code {
+                0 => Some(Self::Checks),
+                1 => Some(Self::TripleFault),
+                2 => Some(Self::Bench),
+                _ => None,
+            }
+        }
+    }
+
+    /// How a guest ended (REPORT word 1; word 2 is the detail).
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    #[repr(u64)]
+    pub enum Outcome {
+        /// Every vCPU wrote 0 to the debug-exit port.
+        Pass = 0,
+        /// A vCPU wrote a nonzero code (detail: vCPU << 32 | code).
+        Fail = 1,
+        /// A vCPU triple-faulted (detail: vCPU).
+        TripleFault = 2,
+        /// VM entry failed (detail: vCPU << 32 | exit reason with bit 31).
+        EntryFailure = 3,
+        /// An exit the VMM does not handle (detail: vCPU << 32 | basic exit reason).
+        Unhandled = 4,
+        /// The VMM failed (detail: the status code).
+        VmmError = 5,
+        /// A vCPU halted with interrupts disabled (detail: vCPU).
+        Halted = 6,
+    }
+
+    impl Outcome {
+        pub const fn from_code(code: u64) -> Option<Self> {
+            match code {
+                0 => Some(Self::Pass),
+                1 => Some(Self::Fail),
+                2 => Some(Self::TripleFault),
+                3 => Some(Self::EntryFailure),
+                4 => Some(Self::Unhandled),
+                5 => Some(Self::VmmError),
+                6 => Some(Self::Halted),
+                _ => None,
+            }
+        }
+    }
+
+    /// The guest's ports.
+    pub mod port {
+        /// The emulated 16550's registers: base (THR/RBR) to base + 7.
+        pub const SERIAL: u16 = 0x3f8;
+        /// Line status register.
+        pub const SERIAL_LSR: u16 = SERIAL + 5;
+        /// Debug exit: OUT of the vCPU's result, 0 = PASS, else the failed check.
+        pub const DEBUG_EXIT: u16 = 0xf4;
+        /// Benchmark results: each 32-bit OUT appends a value.
+        pub const RESULT: u16 = 0xf5;
+    }
+
+    /// The guest-physical layout the VMM builds and the guest relies on.
+    pub mod layout {
+        /// GDT (null, 64-bit code 0x08, data 0x10, TSS 0x18), TSS at +0x100, per-vCPU blocks
+        /// (GS base) of 64 bytes from +0x200: word 0 timer interrupts, word 1 #GP taken,
+        /// word 2 #GP expected.
+        pub const SYSTEM: u64 = 0x1000;
+        pub const TSS: u64 = SYSTEM + 0x100;
+        pub const PER_VCPU: u64 = SYSTEM + 0x200;
+        pub const PER_VCPU_SIZE: u64 = 64;
+        /// Identity page tables: PML4, PDPT, then four page directories of 2 MiB pages
+        /// (0 to 4 GiB).
+        pub const PML4: u64 = 0x2000;
+        /// vCPU stacks: [`STACK_SIZE`] bytes each from here.
+        pub const STACKS: u64 = 0x1_0000;
+        pub const STACK_SIZE: u64 = 0x4000;
+        /// The guest image is linked here.
+        pub const IMAGE: u64 = 0x10_0000;
+        /// Demand-paged memory: from [`IMAGE`] to 4 GiB, anything not in the image.
+        pub const DEMAND_END: u64 = 1 << 32;
+        /// Code segment selector.
+        pub const CODE_SELECTOR: u16 = 0x08;
+        pub const DATA_SELECTOR: u16 = 0x10;
+        pub const TSS_SELECTOR: u16 = 0x18;
+        /// The timer interrupt's vector.
+        pub const TIMER_VECTOR: u8 = 0x20;
+        /// Every u64 of a demand-paged page holds its guest-physical address XOR this.
+        pub const PATTERN: u64 = 0x5a5a_5a5a_0000_0000;
+        /// CPUID leaf with the hypervisor's signature: EBX, ECX, EDX = "capv", "isor", 0.
+        pub const SIGNATURE_LEAF: u32 = 0x4000_0000;
+        pub const SIGNATURE: [u32; 3] = [
+            u32::from_le_bytes(*b"capv"),
+            u32::from_le_bytes(*b"isor"),
+            0,
+        ];
+    }
+}

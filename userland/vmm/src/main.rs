@@ -1,0 +1,125 @@
+//! The VMM server: runs 64-bit guests on vCPU and EPT capabilities, every VM exit arriving as
+//! an IPC call on its exit endpoint.
+//!
+//! The root task starts it as a boot module and fills its slots (`rt::vmx::protocol`); then each
+//! `RUN` request on the service endpoint builds a guest ([`guest::Guest::start`]: EPT, vCPUs,
+//! page tables, GDT, initial state), answers at once, handles the guest's exits until it ends
+//! ([`guest::Guest::run`]), takes its memory back and reports the outcome to the root task.
+//!
+//! - [`guest`]: a guest's construction, exit loop and teardown;
+//! - [`devices`]: what the exits emulate (CPUID, the 16550, the debug and result ports, MSRs);
+//! - [`memory`]: the windows on guest RAM and the guest image (the only `unsafe`).
+#![no_std]
+#![no_main]
+#![deny(unsafe_code)]
+
+extern crate alloc;
+
+mod devices;
+mod guest;
+#[allow(unsafe_code)]
+mod memory;
+
+use abi::Status;
+use guest::{Guest, Request};
+use memory::{Image, Ram};
+use rt::layout::{CHILD_SERVICE_ENDPOINT, SELF_PD};
+use rt::vmx::protocol::{IMAGE, RAM, RAM_ORDER, REPORT, REPORT_LABEL, RUN, RUN_ERROR, RUN_OK};
+use rt::{Message, sys, utcb};
+
+rt::entry!(main, rt::Role::Child);
+
+/// The VMM's own slots (from `rt::layout::CHILD_FIRST_FREE`).
+pub mod slot {
+    /// The endpoint every vCPU sends its exits to.
+    pub const EXIT_ENDPOINT: u64 = 16;
+    /// The running guest's EPT object.
+    pub const EPT: u64 = 17;
+    /// A piece of the pool being donated (empty again once donated).
+    pub const POOL_PIECE: u64 = 18;
+    /// The running guest's vCPUs.
+    pub const FIRST_VCPU: u64 = 24;
+}
+
+/// What the VMM keeps between guests.
+pub struct Vmm {
+    ram: Option<Ram>,
+    image: Option<Image>,
+    /// Pool pieces handed out so far.
+    pub pool_pieces: u64,
+    guests: u64,
+}
+
+fn main() {
+    if let Err(e) = sys::endpoint_create(SELF_PD, slot::EXIT_ENDPOINT) {
+        log::error!("cannot create the exit endpoint: {e:?}");
+        return;
+    }
+    let mut vmm = Vmm {
+        ram: None,
+        image: None,
+        pool_pieces: 0,
+        guests: 0,
+    };
+    let mut next = sys::recv(CHILD_SERVICE_ENDPOINT);
+    loop {
+        let request = match next {
+            Ok(msg) => msg,
+            Err(e) => {
+                log::error!("receiving on the service endpoint: {e:?}");
+                return;
+            }
+        };
+        if request.label() != RUN {
+            next = sys::reply_recv(
+                CHILD_SERVICE_ENDPOINT,
+                &Message::new(RUN_ERROR, [Status::InvalidArgument.code(), 0, 0, 0]),
+            );
+            continue;
+        }
+        let number = vmm.guests;
+        vmm.guests += 1;
+        let mut guest = match vmm.start(number, &request) {
+            Ok(guest) => guest,
+            Err(e) => {
+                log::error!("guest{number}: not started: {e:?}");
+                next = sys::reply_recv(
+                    CHILD_SERVICE_ENDPOINT,
+                    &Message::new(RUN_ERROR, [e.code(), number, 0, 0]),
+                );
+                continue;
+            }
+        };
+        if sys::reply(&Message::new(RUN_OK, [number, 0, 0, 0])).is_err() {
+            log::warn!("guest{number}: the root task did not wait for the answer");
+        }
+        let ram = vmm.ram.as_mut().expect("a started guest has RAM");
+        let report = guest.run(ram, &mut vmm.pool_pieces);
+        let report = guest.teardown(ram, report);
+        utcb::write_words(&report.extra);
+        let msg = Message::with_extra(REPORT_LABEL, report.words, report.extra.len());
+        if let Err(e) = sys::call(REPORT, &msg) {
+            log::error!("guest{number}: cannot report: {e:?}");
+        }
+        next = sys::recv(CHILD_SERVICE_ENDPOINT);
+    }
+}
+
+impl Vmm {
+    /// Builds guest `number` from a RUN request; maps RAM and the image on first use.
+    fn start(&mut self, number: u64, msg: &Message) -> Result<Guest, Status> {
+        let request = Request::decode(msg)?;
+        if self.image.is_none() {
+            self.image = Some(Image::map(IMAGE, request.image_size)?);
+        }
+        if self.ram.is_none() {
+            self.ram = Some(Ram::map(RAM, RAM_ORDER)?);
+        }
+        let image = self.image.expect("mapped above");
+        let ram = self.ram.as_mut().expect("mapped above");
+        if request.image_size > image.bytes().len() as u64 {
+            return Err(Status::OutOfRange);
+        }
+        Guest::start(number, request, image, ram, &mut self.pool_pieces)
+    }
+}
