@@ -271,9 +271,8 @@ impl Eptp {
 
     /// A 4-level EPTP for the PML4 table at `pml4`, write-back, with or without A/D flags.
     pub const fn new(pml4: u64, accessed_dirty: bool) -> Self {
-        let mut raw = (pml4 & ADDRESS_MASK_52)
-            | (MemType::WriteBack as u64)
-            | (3 << EPTP_WALK_LENGTH_SHIFT);
+        let mut raw =
+            (pml4 & ADDRESS_MASK_52) | (MemType::WriteBack as u64) | (3 << EPTP_WALK_LENGTH_SHIFT);
         if accessed_dirty {
             raw |= Self::ACCESSED_DIRTY;
         }
@@ -412,8 +411,17 @@ mod tests {
         assert_eq!(e.0, 0x4020_0000 | 0b101 | (4 << 3) | (1 << 6) | (1 << 7));
         assert_eq!(e.rights(), Rights::READ | Rights::EXECUTE);
         assert_eq!(e.memtype_bits(), 4);
-        assert!(e.flags().contains(EptFlags::IGNORE_PAT | EptFlags::PAGE_SIZE));
-        let pte = EptEntry::leaf(0x5000, PageSize::Size4K, Rights::READ, MemType::WriteBack, false);
+        assert!(
+            e.flags()
+                .contains(EptFlags::IGNORE_PAT | EptFlags::PAGE_SIZE)
+        );
+        let pte = EptEntry::leaf(
+            0x5000,
+            PageSize::Size4K,
+            Rights::READ,
+            MemType::WriteBack,
+            false,
+        );
         assert!(!pte.flags().contains(EptFlags::PAGE_SIZE));
     }
 
@@ -422,12 +430,27 @@ mod tests {
         let ok = Eptp::new(0x1000, false);
         assert_eq!(ok.0, 0x1000 | 6 | (3 << 3));
         assert_eq!(ok.check(false, 46), Ok(()));
-        assert_eq!(Eptp(0x1000 | 5 | (3 << 3)).check(true, 46), Err(EptpError::MemoryType));
-        assert_eq!(Eptp(0x1000 | 6 | (4 << 3)).check(true, 46), Err(EptpError::WalkLength));
-        assert_eq!(Eptp::new(0x1000, true).check(false, 46), Err(EptpError::AccessedDirty));
+        assert_eq!(
+            Eptp(0x1000 | 5 | (3 << 3)).check(true, 46),
+            Err(EptpError::MemoryType)
+        );
+        assert_eq!(
+            Eptp(0x1000 | 6 | (4 << 3)).check(true, 46),
+            Err(EptpError::WalkLength)
+        );
+        assert_eq!(
+            Eptp::new(0x1000, true).check(false, 46),
+            Err(EptpError::AccessedDirty)
+        );
         assert_eq!(Eptp::new(0x1000, true).check(true, 46), Ok(()));
-        assert_eq!(Eptp(ok.0 | 1 << 8).check(true, 46), Err(EptpError::Reserved));
-        assert_eq!(Eptp(ok.0 | 1 << 47).check(true, 46), Err(EptpError::Reserved));
+        assert_eq!(
+            Eptp(ok.0 | 1 << 8).check(true, 46),
+            Err(EptpError::Reserved)
+        );
+        assert_eq!(
+            Eptp(ok.0 | 1 << 47).check(true, 46),
+            Err(EptpError::Reserved)
+        );
         assert_eq!(ok.root(), 0x1000);
     }
 }
