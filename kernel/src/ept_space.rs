@@ -111,7 +111,9 @@ impl EptSpace {
     /// budget runs out. False when the pool is empty.
     pub fn charge(&mut self) -> bool {
         if self.budget < MAPPING_COST {
-            let Some(frame) = self.pool.pop() else { return false };
+            let Some(frame) = self.pool.pop() else {
+                return false;
+            };
             crate::memory::add_to_heap(frame, 4096);
             self.budget += 4096;
         }
@@ -135,7 +137,9 @@ impl EptSpace {
     ) -> Result<(), MapError> {
         let target = Level::of_size(size).number();
         let leaf = EptEntry::leaf(frame, size, rights & Rights::RWX, memtype, ignore_pat).0;
-        let format = Ept { capabilities: self.capabilities };
+        let format = Ept {
+            capabilities: self.capabilities,
+        };
         let pool = &mut self.pool;
         let mut error = None;
         let result = walk_with(
@@ -186,7 +190,9 @@ impl EptSpace {
     /// Clears the leaf of `size` at `gpa`. The caller invalidates.
     pub fn unmap(&mut self, gpa: u64, size: PageSize) -> Result<(), MapError> {
         let target = Level::of_size(size).number();
-        let format = Ept { capabilities: self.capabilities };
+        let format = Ept {
+            capabilities: self.capabilities,
+        };
         let mut found = Err(MapError::NotMapped);
         let _ = walk_with(
             &format,
@@ -208,7 +214,9 @@ impl EptSpace {
 
     /// What `gpa` maps to.
     pub fn lookup(&self, gpa: u64) -> Option<EptLeaf> {
-        let format = Ept { capabilities: self.capabilities };
+        let format = Ept {
+            capabilities: self.capabilities,
+        };
         let t = walk(&format, &IdentityMemory, self.root, gpa).ok()?;
         Some(EptLeaf {
             frame: t.frame,
@@ -227,7 +235,9 @@ pub struct Donated {
 
 impl Donated {
     pub const fn new() -> Self {
-        Self { ranges: BTreeMap::new() }
+        Self {
+            ranges: BTreeMap::new(),
+        }
     }
 
     pub fn add(&mut self, start: u64, end: u64) {
@@ -244,7 +254,9 @@ impl Donated {
 
     /// Gives back one page: splits the range holding it.
     pub fn release_page(&mut self, page: u64) {
-        let Some((&s, &e)) = self.ranges.range(..=page).next_back() else { return };
+        let Some((&s, &e)) = self.ranges.range(..=page).next_back() else {
+            return;
+        };
         if page >= e {
             return;
         }

@@ -257,11 +257,17 @@ pub fn self_check_heap() -> Result<(), &'static str> {
 /// Adds donated RAM at `[start, start + len)` to the kernel heap (EPT bookkeeping paid for by
 /// the donor).
 pub fn add_to_heap(start: u64, len: usize) {
-    if start.checked_add(len as u64).is_none_or(|end| end > MAPPED_LIMIT) {
+    if start
+        .checked_add(len as u64)
+        .is_none_or(|end| end > MAPPED_LIMIT)
+    {
         return;
     }
     // SAFETY: the caller passes frames taken out of a donated pool: RAM below MAPPED_LIMIT
     // (checked), identity mapped, owned by the kernel from now on (the donated-range set keeps
     // every mapping away from it), and never handed out again.
-    unsafe { HEAP.lock().add_to_heap(start as usize, start as usize + len) };
+    unsafe {
+        HEAP.lock()
+            .add_to_heap(start as usize, start as usize + len)
+    };
 }

@@ -47,7 +47,11 @@ fn format() -> X86Paging {
     };
     let pages_1g = max_ext >= 0x8000_0001 && hw::cpuid(0x8000_0001, 0).3 & (1 << 26) != 0;
     let nxe = hw::rdmsr(hw::msr::IA32_EFER) & (1 << 11) != 0;
-    X86Paging { max_phys_bits, nxe, pages_1g }
+    X86Paging {
+        max_phys_bits,
+        nxe,
+        pages_1g,
+    }
 }
 
 /// A user address space: a PML4 whose entry 0 is the kernel's.
@@ -67,7 +71,13 @@ impl AddressSpace {
 
     /// Maps the page of `size` at physical `frame` at user address `vaddr` with `rights`
     /// (READ is implied). Intermediate tables come from the kernel's frames.
-    pub fn map(&self, vaddr: u64, frame: u64, size: PageSize, rights: Rights) -> Result<(), MapError> {
+    pub fn map(
+        &self,
+        vaddr: u64,
+        frame: u64,
+        size: PageSize,
+        rights: Rights,
+    ) -> Result<(), MapError> {
         let target = Level::of_size(size).number();
         let mut leaf = frame | (PagingFlags::PRESENT | PagingFlags::USER).bits();
         if rights.contains(Rights::WRITE) {
@@ -134,7 +144,9 @@ impl AddressSpace {
             self.pml4,
             vaddr,
             |access, step, decoded| match decoded {
-                Decoded::Leaf { address, size: s, .. } if step.level == target && *s == size => {
+                Decoded::Leaf {
+                    address, size: s, ..
+                } if step.level == target && *s == size => {
                     found = match ept::walk::TableAccess::write(access, step.entry_address(), 0) {
                         Ok(()) => Ok(*address),
                         Err(_) => Err(MapError::Corrupt),
@@ -151,7 +163,9 @@ impl AddressSpace {
     /// The physical address `vaddr` maps to and the rights of the mapping, if mapped for user.
     pub fn translate(&self, vaddr: u64) -> Option<(u64, Rights)> {
         let t = walk(&format(), &IdentityMemory, self.pml4, vaddr).ok()?;
-        t.rights.contains(Rights::USER).then_some((t.address, t.rights))
+        t.rights
+            .contains(Rights::USER)
+            .then_some((t.address, t.rights))
     }
 
     /// Copies user memory at `vaddr` into `out`, page by page; fails if any byte is not mapped

@@ -27,7 +27,8 @@ pub fn le_u64(b: &[u8], off: usize) -> Option<u64> {
 
 /// Whether `[addr, addr + len)` lies inside the identity map.
 fn in_map(addr: u64, len: usize) -> bool {
-    addr.checked_add(len as u64).is_some_and(|end| end <= MAPPED_LIMIT)
+    addr.checked_add(len as u64)
+        .is_some_and(|end| end <= MAPPED_LIMIT)
 }
 
 /// Copies RAM at physical `addr` into `out`. Returns false (copying nothing) outside the map.
@@ -86,7 +87,9 @@ pub fn write_u64(addr: u64, value: u64) -> bool {
 
 /// Copies u64 words to RAM at `addr` (little-endian, as the CPU stores them).
 pub fn write_words(addr: u64, words: &[u64]) -> bool {
-    let Some(len) = words.len().checked_mul(8) else { return false };
+    let Some(len) = words.len().checked_mul(8) else {
+        return false;
+    };
     if !in_map(addr, len) {
         return false;
     }
@@ -97,11 +100,15 @@ pub fn write_words(addr: u64, words: &[u64]) -> bool {
 
 /// Copies RAM at `addr` into u64 words.
 pub fn read_words(addr: u64, words: &mut [u64]) -> bool {
-    let Some(len) = words.len().checked_mul(8) else { return false };
+    let Some(len) = words.len().checked_mul(8) else {
+        return false;
+    };
     if !in_map(addr, len) {
         return false;
     }
     // SAFETY: as for `read`; any bytes are a valid u64.
-    unsafe { core::ptr::copy_nonoverlapping(addr as *const u8, words.as_mut_ptr().cast::<u8>(), len) };
+    unsafe {
+        core::ptr::copy_nonoverlapping(addr as *const u8, words.as_mut_ptr().cast::<u8>(), len)
+    };
     true
 }

@@ -5,8 +5,8 @@
 use crate::bootinfo::{BootInfo, Module};
 use crate::memory::{self, PAGE_SIZE};
 use crate::percpu::{CPUS, VmxState};
-use crate::sched::{self, Kernel};
 use crate::phys;
+use crate::sched::{self, Kernel};
 use abi::elf;
 use caps::ObjectKind;
 use ept::entry::{PageSize, Rights};
@@ -31,7 +31,9 @@ impl core::fmt::Display for RootError {
         match self {
             Self::NoModule => write!(f, "GRUB passed no modules: the root task is missing"),
             Self::Elf(e) => write!(f, "the root task module is not a usable ELF: {e}"),
-            Self::SegmentOutsideUserSpace => write!(f, "a root task segment lies outside user space"),
+            Self::SegmentOutsideUserSpace => {
+                write!(f, "a root task segment lies outside user space")
+            }
             Self::OutOfMemory => write!(f, "out of memory while loading the root task"),
             Self::Map => write!(f, "mapping the root task failed"),
         }
@@ -67,7 +69,10 @@ pub fn create(info: &BootInfo) -> Result<u32, RootError> {
 
     // The executable's segments.
     for seg in exe.segments() {
-        let end = seg.vaddr.checked_add(seg.mem_size).ok_or(RootError::SegmentOutsideUserSpace)?;
+        let end = seg
+            .vaddr
+            .checked_add(seg.mem_size)
+            .ok_or(RootError::SegmentOutsideUserSpace)?;
         if seg.vaddr < abi::USER_BASE + 0x20_0000 || end > abi::USER_END {
             return Err(RootError::SegmentOutsideUserSpace);
         }
@@ -99,18 +104,42 @@ pub fn create(info: &BootInfo) -> Result<u32, RootError> {
 
     // Stack, UTCB (mapped by create_thread) and boot information.
     for i in 1..=abi::ROOT_STACK_PAGES {
-        map_new_page(&mut k, abi::ROOT_STACK_TOP - i * PAGE_SIZE as u64, Rights::READ | Rights::WRITE)?;
+        map_new_page(
+            &mut k,
+            abi::ROOT_STACK_TOP - i * PAGE_SIZE as u64,
+            Rights::READ | Rights::WRITE,
+        )?;
     }
     let boot_page = map_new_page(&mut k, abi::ROOT_BOOT_INFO, Rights::READ)?;
     let thread = k
-        .create_thread(0, exe.entry, abi::ROOT_STACK_TOP, abi::ROOT_UTCB, ROOT_PRIORITY, 0, None)
+        .create_thread(
+            0,
+            exe.entry,
+            abi::ROOT_STACK_TOP,
+            abi::ROOT_UTCB,
+            ROOT_PRIORITY,
+            0,
+            None,
+        )
         .map_err(|_| RootError::OutOfMemory)?;
     let all = |kind: ObjectKind| kind.valid_rights();
     k.caps
-        .create(0, abi::ROOT_PD, ObjectKind::ProtectionDomain, 0, all(ObjectKind::ProtectionDomain))
+        .create(
+            0,
+            abi::ROOT_PD,
+            ObjectKind::ProtectionDomain,
+            0,
+            all(ObjectKind::ProtectionDomain),
+        )
         .map_err(|_| RootError::OutOfMemory)?;
     k.caps
-        .create(0, abi::ROOT_THREAD, ObjectKind::Thread, thread, all(ObjectKind::Thread))
+        .create(
+            0,
+            abi::ROOT_THREAD,
+            ObjectKind::Thread,
+            thread,
+            all(ObjectKind::Thread),
+        )
         .map_err(|_| RootError::OutOfMemory)?;
 
     let mut bi = abi::BootInfo {
@@ -124,10 +153,18 @@ pub fn create(info: &BootInfo) -> Result<u32, RootError> {
         scenario: [0; 32],
         scenario_len: 0,
         module_count: 0,
-        modules: [abi::BootModule { selector: abi::NO_SLOT, size: 0, vaddr: 0, name: [0; 64], name_len: 0 };
-            abi::MAX_BOOT_MODULES],
+        modules: [abi::BootModule {
+            selector: abi::NO_SLOT,
+            size: 0,
+            vaddr: 0,
+            name: [0; 64],
+            name_len: 0,
+        }; abi::MAX_BOOT_MODULES],
         memory_count: 0,
-        memory: [abi::BootMemory { selector: 0, order: 0 }; abi::MAX_BOOT_MEMORY],
+        memory: [abi::BootMemory {
+            selector: 0,
+            order: 0,
+        }; abi::MAX_BOOT_MEMORY],
     };
     let scenario = info.arg("scenario").unwrap_or("");
     let n = scenario.len().min(32);
@@ -170,13 +207,21 @@ pub fn create(info: &BootInfo) -> Result<u32, RootError> {
             {
                 continue 'orders;
             }
-            let Some(base) = memory::alloc_pages(1 << order) else { continue 'orders };
+            let Some(base) = memory::alloc_pages(1 << order) else {
+                continue 'orders;
+            };
             phys::zero(base, (PAGE_SIZE << order) as usize);
             let obj = k.create_memory(base, order);
-            if k.caps.create(0, slot, ObjectKind::Memory, obj, all(ObjectKind::Memory)).is_err() {
+            if k.caps
+                .create(0, slot, ObjectKind::Memory, obj, all(ObjectKind::Memory))
+                .is_err()
+            {
                 break 'orders;
             }
-            bi.memory[bi.memory_count as usize] = abi::BootMemory { selector: slot, order: u64::from(order) };
+            bi.memory[bi.memory_count as usize] = abi::BootMemory {
+                selector: slot,
+                order: u64::from(order),
+            };
             bi.memory_count += 1;
             slot += 1;
         }

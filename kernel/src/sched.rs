@@ -7,21 +7,21 @@
 //! it may wait for them.
 
 use crate::cpu::{self, TrapFrame};
+use crate::ept_space::{Donated, EPT_SPACE_BASE, EptSpace};
 use crate::fpu::FpuArea;
 use crate::paging::{AddressSpace, MapError};
 use crate::percpu::{self, CPU_COUNT, CPUS, MAX_CPUS};
+use crate::vm::Vcpu;
 use crate::{apic, entry, hw, memory, phys};
 use abi::{MessageInfo, Status};
 use alloc::boxed::Box;
 use alloc::collections::{BTreeMap, VecDeque};
 use alloc::vec::Vec;
 use caps::{CapSystem, NodeId, NodeKey, VecStorage};
-use crate::ept_space::{Donated, EPT_SPACE_BASE, EptSpace};
-use crate::vm::Vcpu;
-use vcpu::vmcs::VmcsAccess;
 use core::sync::atomic::{AtomicU64, Ordering};
 use ept::entry::{PageSize, Rights};
 use spin::{Mutex, MutexGuard};
+use vcpu::vmcs::VmcsAccess;
 
 /// Capability spaces (one per PD) and slots per space.
 pub const SPACES: usize = 64;
@@ -217,7 +217,10 @@ pub fn shootdown_ack() {
 /// Asks CPU `cpu` to carry out `request` and waits until it has.
 fn remote(cpu: usize, request: u64) {
     REMOTE[cpu].store(request, Ordering::Release);
-    apic::send_fixed(CPUS[cpu].apic_id.load(Ordering::Relaxed), cpu::VECTOR_SHOOTDOWN);
+    apic::send_fixed(
+        CPUS[cpu].apic_id.load(Ordering::Relaxed),
+        cpu::VECTOR_SHOOTDOWN,
+    );
     let mut spins = 0u64;
     while REMOTE[cpu].load(Ordering::Acquire) != 0 {
         hw::pause();
@@ -273,7 +276,11 @@ impl Kernel {
         let aspace = AddressSpace::new().ok_or(Status::OutOfMemory)?;
         Ok(insert(
             &mut self.pds,
-            Pd { aspace, mappings: BTreeMap::new(), active_cpus: 0 },
+            Pd {
+                aspace,
+                mappings: BTreeMap::new(),
+                active_cpus: 0,
+            },
         ))
     }
 
@@ -290,8 +297,16 @@ impl Kernel {
     ) -> Result<u32, Status> {
         let utcb = memory::alloc_zeroed_pages(1).ok_or(Status::OutOfMemory)?;
         phys::write_u64(utcb, abi::NO_SLOT);
-        let aspace = &self.pds[pd as usize].as_ref().ok_or(Status::Inconsistent)?.aspace;
-        if let Err(e) = aspace.map(utcb_vaddr, utcb, PageSize::Size4K, Rights::READ | Rights::WRITE) {
+        let aspace = &self.pds[pd as usize]
+            .as_ref()
+            .ok_or(Status::Inconsistent)?
+            .aspace;
+        if let Err(e) = aspace.map(
+            utcb_vaddr,
+            utcb,
+            PageSize::Size4K,
+            Rights::READ | Rights::WRITE,
+        ) {
             memory::free_pages(utcb, 1);
             return Err(map_status(e));
         }
@@ -336,7 +351,10 @@ impl Kernel {
         };
         self.cpus[cpu].push(prio, t);
         if cpu != this_cpu() {
-            apic::send_fixed(CPUS[cpu].apic_id.load(Ordering::Relaxed), cpu::VECTOR_RESCHEDULE);
+            apic::send_fixed(
+                CPUS[cpu].apic_id.load(Ordering::Relaxed),
+                cpu::VECTOR_RESCHEDULE,
+            );
         }
     }
 
@@ -405,7 +423,9 @@ impl Kernel {
     /// least the same priority (round robin) or, with `only_higher`, a higher one.
     fn preempt(&mut self, only_higher: bool) {
         let me = this_cpu();
-        let Some(cur) = self.cpus[me].current else { return };
+        let Some(cur) = self.cpus[me].current else {
+            return;
+        };
         let prio = self.thread(cur).priority;
         let better = match self.cpus[me].highest() {
             Some(h) if only_higher => h > prio,
@@ -467,7 +487,10 @@ impl Kernel {
             }
             State::Running if old != this_cpu() => {
                 // It moves at its CPU's next kernel entry (`settle`), which this IPI forces.
-                apic::send_fixed(CPUS[old].apic_id.load(Ordering::Relaxed), cpu::VECTOR_RESCHEDULE);
+                apic::send_fixed(
+                    CPUS[old].apic_id.load(Ordering::Relaxed),
+                    cpu::VECTOR_RESCHEDULE,
+                );
             }
             _ => {}
         }
@@ -502,7 +525,13 @@ impl Kernel {
             if slot != abi::NO_SLOT
                 && self
                     .caps
-                    .delegate(from_space, u64::from(info.selector()), to_space, slot, u32::MAX)
+                    .delegate(
+                        from_space,
+                        u64::from(info.selector()),
+                        to_space,
+                        slot,
+                        u32::MAX,
+                    )
                     .is_ok()
             {
                 out = out.with_capability(slot as u32);
@@ -578,15 +607,26 @@ impl Kernel {
         if a[1] & 0xffff != 0 {
             return false;
         }
-        let Ok(cap) = self.caps.get(space, a[0]) else { return false };
-        let need = if call { EndpointRights::CALL } else { EndpointRights::RECEIVE };
+        let Ok(cap) = self.caps.get(space, a[0]) else {
+            return false;
+        };
+        let need = if call {
+            EndpointRights::CALL
+        } else {
+            EndpointRights::RECEIVE
+        };
         if cap.kind() != ObjectKind::Endpoint || cap.rights() & need.bits() == 0 {
             return false;
         }
         let ep = cap.object() as usize;
         let cpu = this_cpu();
         let partner = if call {
-            match self.endpoints.get(ep).and_then(Option::as_ref).and_then(|e| e.receivers.front()) {
+            match self
+                .endpoints
+                .get(ep)
+                .and_then(Option::as_ref)
+                .and_then(|e| e.receivers.front())
+            {
                 Some(&r) => r,
                 None => return false,
             }
@@ -676,7 +716,11 @@ impl Kernel {
                 _ => None,
             };
             self.vcpu_vmcs_here(caller)?;
-            let v = self.thread_mut(caller).vcpu.as_deref_mut().ok_or(Status::Inconsistent)?;
+            let v = self
+                .thread_mut(caller)
+                .vcpu
+                .as_deref_mut()
+                .ok_or(Status::Inconsistent)?;
             let action = reply
                 .apply(&mut crate::vm::HwVmcs, &mut v.regs)
                 .map_err(|_| Status::InvalidArgument)?;
@@ -696,7 +740,11 @@ impl Kernel {
     /// Makes vCPU `t`'s VMCS current on this CPU (VMCLEARing it where else it is active).
     pub fn vcpu_vmcs_here(&mut self, t: u32) -> SysResult {
         let me = this_cpu();
-        let v = self.thread_mut(t).vcpu.as_deref_mut().ok_or(Status::Inconsistent)?;
+        let v = self
+            .thread_mut(t)
+            .vcpu
+            .as_deref_mut()
+            .ok_or(Status::Inconsistent)?;
         let vmcs = v.vmcs;
         if let Some(c) = v.active_on
             && c != me
@@ -799,7 +847,9 @@ impl Kernel {
     }
 
     pub fn wait(&mut self, me: u32, n: u32) {
-        let Some(x) = self.notifications[n as usize].as_mut() else { return };
+        let Some(x) = self.notifications[n as usize].as_mut() else {
+            return;
+        };
         if x.count > 0 {
             let c = core::mem::take(&mut x.count);
             self.thread_mut(me).ctx.rdi = c;
@@ -837,7 +887,10 @@ impl Kernel {
                 self.schedule();
             } else {
                 let cpu = self.thread(t).cpu;
-                apic::send_fixed(CPUS[cpu].apic_id.load(Ordering::Relaxed), cpu::VECTOR_RESCHEDULE);
+                apic::send_fixed(
+                    CPUS[cpu].apic_id.load(Ordering::Relaxed),
+                    cpu::VECTOR_RESCHEDULE,
+                );
             }
         }
     }
@@ -854,7 +907,9 @@ impl Kernel {
     /// Flushes every CPU that may cache translations of `pd`.
     pub fn shootdown(&mut self, pd: u32) {
         let me = this_cpu();
-        let Some(p) = self.pds[pd as usize].as_ref() else { return };
+        let Some(p) = self.pds[pd as usize].as_ref() else {
+            return;
+        };
         let mask = p.active_cpus;
         if mask & (1 << me) != 0 {
             // SAFETY: reloading CR3 with its current value only flushes translations.
@@ -868,7 +923,9 @@ impl Kernel {
     /// INVEPT (single context) on every CPU that may cache translations of EPT `e`.
     pub fn invalidate_ept(&mut self, e: u32) {
         let me = this_cpu();
-        let Some(space) = self.epts[e as usize].as_ref() else { return };
+        let Some(space) = self.epts[e as usize].as_ref() else {
+            return;
+        };
         let (mask, root, eptp) = (space.cpus, space.root, space.eptp());
         if mask & (1 << me) != 0 {
             hw::vmx::invept(1, eptp);
@@ -881,7 +938,9 @@ impl Kernel {
     /// Removes the mapping recorded by a derivation-tree node (called for every mapping a
     /// revocation removes). Returns the PD to shoot down.
     pub fn drop_mapping(&mut self, key: NodeKey) -> Option<Space> {
-        let NodeKey::Mapping { space, page, .. } = key else { return None };
+        let NodeKey::Mapping { space, page, .. } = key else {
+            return None;
+        };
         let address = page << 12;
         if space >= EPT_SPACE_BASE {
             let e = space - EPT_SPACE_BASE;
@@ -899,7 +958,10 @@ impl Kernel {
 
     /// Removes the mappings of removed derivation-tree nodes and invalidates what cached them.
     pub fn drop_mappings(&mut self, keys: Vec<NodeKey>) {
-        let mut spaces: Vec<Space> = keys.into_iter().filter_map(|k| self.drop_mapping(k)).collect();
+        let mut spaces: Vec<Space> = keys
+            .into_iter()
+            .filter_map(|k| self.drop_mapping(k))
+            .collect();
         spaces.sort_unstable();
         spaces.dedup();
         for s in spaces {
@@ -1057,15 +1119,17 @@ impl Kernel {
             return Err(Status::Unsupported);
         }
         let controls = crate::vm::controls().ok_or(Status::Unsupported)?;
-        let eptp = self.epts[ept as usize].as_ref().ok_or(Status::Inconsistent)?.eptp();
+        let eptp = self.epts[ept as usize]
+            .as_ref()
+            .ok_or(Status::Inconsistent)?
+            .eptp();
         let vpid = self.next_vpid;
         self.next_vpid = self.next_vpid.checked_add(1).ok_or(Status::OutOfMemory)?;
         let vmcs = memory::alloc_zeroed_pages(1).ok_or(Status::OutOfMemory)?;
         let caps = vcpu::controls::VmxCapabilities::from_msrs(hw::rdmsr);
         phys::write(vmcs, &caps.revision_id().to_le_bytes());
-        let default_mask = (vcpu::message::StateMask::GPRS
-            | vcpu::message::StateMask::RIP_RSP_RFLAGS)
-            .bits();
+        let default_mask =
+            (vcpu::message::StateMask::GPRS | vcpu::message::StateMask::RIP_RSP_RFLAGS).bits();
         let mut v = Box::new(Vcpu {
             regs: vcpu::message::SavedRegisters::default(),
             vmcs,
@@ -1115,7 +1179,10 @@ impl Kernel {
         }
         let (state, cpu) = (self.thread(t).state, self.thread(t).cpu);
         if state == State::Running && cpu != this_cpu() {
-            apic::send_fixed(CPUS[cpu].apic_id.load(Ordering::Relaxed), cpu::VECTOR_RESCHEDULE);
+            apic::send_fixed(
+                CPUS[cpu].apic_id.load(Ordering::Relaxed),
+                cpu::VECTOR_RESCHEDULE,
+            );
         }
     }
 
@@ -1158,7 +1225,9 @@ impl Kernel {
     /// Sends vCPU `t`'s exit (already captured, or the current state for a recall) to its
     /// exit endpoint as a call.
     fn send_exit(&mut self, t: u32, label: u16, captured: Option<()>) {
-        let Some(v) = self.thread_mut(t).vcpu.as_deref_mut() else { return };
+        let Some(v) = self.thread_mut(t).vcpu.as_deref_mut() else {
+            return;
+        };
         if captured.is_none() {
             v.recall = false;
             v.exit_words = crate::vm::capture_state(v, crate::vm::RECALL_MASK);

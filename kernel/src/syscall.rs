@@ -3,20 +3,20 @@
 //! The ABI is specified in docs/abi.md and the `abi` crate.
 
 use crate::cpu::TrapFrame;
-use crate::sched::{self, Kernel, map_status};
-use abi::{MessageInfo, Status, Syscall, USER_BASE, USER_END};
-use alloc::vec::Vec;
 use crate::ept_space::{EPT_SPACE_BASE, EptSpace, Pool};
 use crate::phys;
 use crate::sched::State;
+use crate::sched::{self, Kernel, map_status};
+use abi::{MessageInfo, Status, Syscall, USER_BASE, USER_END};
+use alloc::vec::Vec;
 use caps::object::{Endpoint, Ept, Memory, Notification, ProtectionDomain, Thread, Vcpu};
 use caps::{
     EndpointRights, EptRights, MemoryRights, NodeKey, NotificationRights, ObjectKind, ObjectType,
     ProtectionDomainRights, ThreadRights, VcpuRights,
 };
 use ept::entry::{MemType, PageSize, Rights};
-use vcpu::message::StateMask;
 use spin::MutexGuard;
+use vcpu::message::StateMask;
 
 /// What a call did for its caller.
 enum Outcome {
@@ -56,7 +56,10 @@ fn slow_path(mut k: MutexGuard<'static, Kernel>, me: u32, space: u32, nr: u64, a
     match result {
         Ok(Outcome::Done(r)) => {
             ctx.rax = Status::Ok.code();
-            for (reg, v) in [&mut ctx.rdi, &mut ctx.rsi, &mut ctx.rdx].into_iter().zip(r) {
+            for (reg, v) in [&mut ctx.rdi, &mut ctx.rsi, &mut ctx.rdx]
+                .into_iter()
+                .zip(r)
+            {
                 if let Some(v) = v {
                     *reg = v;
                 }
@@ -68,7 +71,12 @@ fn slow_path(mut k: MutexGuard<'static, Kernel>, me: u32, space: u32, nr: u64, a
     sched::finish(k)
 }
 
-fn lookup<T: ObjectType>(k: &Kernel, space: u32, sel: u64, rights: T::Rights) -> Result<u32, Status> {
+fn lookup<T: ObjectType>(
+    k: &Kernel,
+    space: u32,
+    sel: u64,
+    rights: T::Rights,
+) -> Result<u32, Status> {
     Ok(k.caps.lookup::<T>(space, sel, rights)?.object())
 }
 
@@ -83,7 +91,11 @@ fn vacant(k: &Kernel, space: u32, slot: u64) -> Result<(), Status> {
 
 fn info_of(raw: u64) -> Result<MessageInfo, Status> {
     let info = MessageInfo(raw);
-    if info.is_valid() { Ok(info) } else { Err(Status::InvalidArgument) }
+    if info.is_valid() {
+        Ok(info)
+    } else {
+        Err(Status::InvalidArgument)
+    }
 }
 
 /// A capability transfer needs GRANT on the endpoint and a real capability to send.
@@ -111,8 +123,13 @@ fn page_size(order: u64) -> Result<PageSize, Status> {
     }
 }
 
-
-fn handle(k: &mut MutexGuard<'static, Kernel>, me: u32, space: u32, nr: u64, a: [u64; 6]) -> CallResult {
+fn handle(
+    k: &mut MutexGuard<'static, Kernel>,
+    me: u32,
+    space: u32,
+    nr: u64,
+    a: [u64; 6],
+) -> CallResult {
     let call = Syscall::from_number(nr).ok_or(Status::InvalidSyscall)?;
     let words = [a[2], a[3], a[4], a[5]];
     match call {
@@ -192,7 +209,8 @@ fn handle(k: &mut MutexGuard<'static, Kernel>, me: u32, space: u32, nr: u64, a: 
             Ok(DONE)
         }
         Syscall::ThreadCreate => {
-            let pd = lookup::<ProtectionDomain>(k, space, a[0], ProtectionDomainRights::CREATE_THREAD)?;
+            let pd =
+                lookup::<ProtectionDomain>(k, space, a[0], ProtectionDomainRights::CREATE_THREAD)?;
             vacant(k, space, a[1])?;
             let (entry, stack, utcb, config) = (a[2], a[3], a[4], a[5]);
             if entry >= USER_END || stack >= USER_END {
@@ -212,7 +230,13 @@ fn handle(k: &mut MutexGuard<'static, Kernel>, me: u32, space: u32, nr: u64, a: 
                 s => Some(lookup::<Endpoint>(k, space, s - 1, EndpointRights::CALL)?),
             };
             let t = k.create_thread(pd, entry, stack, utcb, priority, cpu, fault)?;
-            k.caps.create(space, a[1], ObjectKind::Thread, t, ObjectKind::Thread.valid_rights())?;
+            k.caps.create(
+                space,
+                a[1],
+                ObjectKind::Thread,
+                t,
+                ObjectKind::Thread.valid_rights(),
+            )?;
             Ok(DONE)
         }
         Syscall::ThreadResume => {
@@ -240,11 +264,22 @@ fn handle(k: &mut MutexGuard<'static, Kernel>, me: u32, space: u32, nr: u64, a: 
             lookup::<ProtectionDomain>(k, space, a[0], ProtectionDomainRights::CREATE_ENDPOINT)?;
             vacant(k, space, a[1])?;
             let ep = k.create_endpoint();
-            k.caps.create(space, a[1], ObjectKind::Endpoint, ep, ObjectKind::Endpoint.valid_rights())?;
+            k.caps.create(
+                space,
+                a[1],
+                ObjectKind::Endpoint,
+                ep,
+                ObjectKind::Endpoint.valid_rights(),
+            )?;
             Ok(DONE)
         }
         Syscall::NotificationCreate => {
-            lookup::<ProtectionDomain>(k, space, a[0], ProtectionDomainRights::CREATE_NOTIFICATION)?;
+            lookup::<ProtectionDomain>(
+                k,
+                space,
+                a[0],
+                ProtectionDomainRights::CREATE_NOTIFICATION,
+            )?;
             vacant(k, space, a[1])?;
             let n = k.create_notification();
             k.caps.create(
@@ -266,9 +301,11 @@ fn handle(k: &mut MutexGuard<'static, Kernel>, me: u32, space: u32, nr: u64, a: 
         Syscall::CapRevoke | Syscall::CapDelete => {
             let mut keys = Vec::new();
             let n = if call == Syscall::CapRevoke {
-                k.caps.revoke_with(space, a[0], &mut |_| {}, &mut |_, key| keys.push(key))?
+                k.caps
+                    .revoke_with(space, a[0], &mut |_| {}, &mut |_, key| keys.push(key))?
             } else {
-                k.caps.delete_with(space, a[0], &mut |_| {}, &mut |_, key| keys.push(key))?
+                k.caps
+                    .delete_with(space, a[0], &mut |_| {}, &mut |_, key| keys.push(key))?
             };
             k.drop_mappings(keys);
             Ok(Outcome::Done([Some(n as u64), None, None]))
@@ -298,12 +335,16 @@ fn handle(k: &mut MutexGuard<'static, Kernel>, me: u32, space: u32, nr: u64, a: 
                 return Err(Status::Unaligned);
             }
             user_range(vaddr, size.bytes())?;
-            let node = match k.pds[pd as usize].as_ref().and_then(|p| p.mappings.get(&vaddr)) {
+            let node = match k.pds[pd as usize]
+                .as_ref()
+                .and_then(|p| p.mappings.get(&vaddr))
+            {
                 Some(&(node, s)) if s == size => node,
                 _ => return Err(Status::NotMapped),
             };
             let mut keys = Vec::new();
-            k.caps.remove_node(node, &mut |_| {}, &mut |_, key| keys.push(key))?;
+            k.caps
+                .remove_node(node, &mut |_| {}, &mut |_, key| keys.push(key))?;
             k.drop_mappings(keys);
             Ok(DONE)
         }
@@ -319,25 +360,38 @@ fn handle(k: &mut MutexGuard<'static, Kernel>, me: u32, space: u32, nr: u64, a: 
             if offset % pages != 0 {
                 return Err(Status::Unaligned);
             }
-            if offset.checked_add(pages).is_none_or(|end| end > 1u64 << obj.order) {
+            if offset
+                .checked_add(pages)
+                .is_none_or(|end| end > 1u64 << obj.order)
+            {
                 return Err(Status::OutOfRange);
             }
             let part = k.create_memory(obj.base + offset * 4096, order as u8);
-            if let Err(e) = k.caps.derive_object(space, a[0], space, a[3], part, u32::MAX) {
+            if let Err(e) = k
+                .caps
+                .derive_object(space, a[0], space, a[3], part, u32::MAX)
+            {
                 k.memory[part as usize] = None;
                 return Err(e.into());
             }
             Ok(DONE)
         }
         Syscall::EptCreate => {
-            let pd = lookup::<ProtectionDomain>(k, space, a[0], ProtectionDomainRights::CREATE_EPT)?;
+            let pd =
+                lookup::<ProtectionDomain>(k, space, a[0], ProtectionDomainRights::CREATE_EPT)?;
             let _ = pd;
             vacant(k, space, a[1])?;
             let mut pool = Pool::default();
             take_donation(k, space, a[2], &mut pool)?;
             let ept = EptSpace::new(pool).ok_or(Status::OutOfMemory)?;
             let e = insert_ept(k, ept);
-            k.caps.create(space, a[1], ObjectKind::Ept, e, ObjectKind::Ept.valid_rights())?;
+            k.caps.create(
+                space,
+                a[1],
+                ObjectKind::Ept,
+                e,
+                ObjectKind::Ept.valid_rights(),
+            )?;
             Ok(DONE)
         }
         Syscall::EptDonate => {
@@ -363,7 +417,13 @@ fn handle(k: &mut MutexGuard<'static, Kernel>, me: u32, space: u32, nr: u64, a: 
                 };
                 k.donated.release_page(frame);
                 let obj = k.create_memory(frame, 0);
-                k.caps.create(space, slot, ObjectKind::Memory, obj, ObjectKind::Memory.valid_rights())?;
+                k.caps.create(
+                    space,
+                    slot,
+                    ObjectKind::Memory,
+                    obj,
+                    ObjectKind::Memory.valid_rights(),
+                )?;
                 returned += 1;
             }
             Ok(Outcome::Done([Some(returned), None, None]))
@@ -375,12 +435,16 @@ fn handle(k: &mut MutexGuard<'static, Kernel>, me: u32, space: u32, nr: u64, a: 
             if a[1] % size.bytes() != 0 {
                 return Err(Status::Unaligned);
             }
-            let node = match k.epts[e as usize].as_ref().and_then(|x| x.mappings.get(&a[1])) {
+            let node = match k.epts[e as usize]
+                .as_ref()
+                .and_then(|x| x.mappings.get(&a[1]))
+            {
                 Some(&(node, s)) if s == size => node,
                 _ => return Err(Status::NotMapped),
             };
             let mut keys = Vec::new();
-            k.caps.remove_node(node, &mut |_| {}, &mut |_, key| keys.push(key))?;
+            k.caps
+                .remove_node(node, &mut |_| {}, &mut |_, key| keys.push(key))?;
             let n = keys.len() as u64;
             k.drop_mappings(keys);
             Ok(Outcome::Done([Some(n), None, None]))
@@ -391,7 +455,8 @@ fn handle(k: &mut MutexGuard<'static, Kernel>, me: u32, space: u32, nr: u64, a: 
             Ok(DONE)
         }
         Syscall::VcpuCreate => {
-            let pd = lookup::<ProtectionDomain>(k, space, a[0], ProtectionDomainRights::CREATE_VCPU)?;
+            let pd =
+                lookup::<ProtectionDomain>(k, space, a[0], ProtectionDomainRights::CREATE_VCPU)?;
             vacant(k, space, a[1])?;
             let e = lookup::<Ept>(k, space, a[2], EptRights::MAP)?;
             let ep = lookup::<Endpoint>(k, space, a[3], EndpointRights::CALL)?;
@@ -402,7 +467,13 @@ fn handle(k: &mut MutexGuard<'static, Kernel>, me: u32, space: u32, nr: u64, a: 
                 return Err(Status::InvalidArgument);
             }
             let t = k.create_vcpu(pd, e, ep, priority, cpu, (config >> 32) as u32)?;
-            k.caps.create(space, a[1], ObjectKind::Vcpu, t, ObjectKind::Vcpu.valid_rights())?;
+            k.caps.create(
+                space,
+                a[1],
+                ObjectKind::Vcpu,
+                t,
+                ObjectKind::Vcpu.valid_rights(),
+            )?;
             Ok(DONE)
         }
         Syscall::VcpuRun => {
@@ -426,9 +497,18 @@ fn handle(k: &mut MutexGuard<'static, Kernel>, me: u32, space: u32, nr: u64, a: 
             phys::read_words(k.thread(me).utcb + UTCB_WORDS_OFFSET, &mut words);
             let reply = Reply::from_words(&words).map_err(|_| Status::InvalidArgument)?;
             k.vcpu_vmcs_here(t)?;
-            let v = k.thread_mut(t).vcpu.as_deref_mut().ok_or(Status::Inconsistent)?;
-            vcpu::message::load(&mut crate::vm::HwVmcs, &mut v.regs, reply.mask, &reply.state)
-                .map_err(|_| Status::InvalidArgument)?;
+            let v = k
+                .thread_mut(t)
+                .vcpu
+                .as_deref_mut()
+                .ok_or(Status::Inconsistent)?;
+            vcpu::message::load(
+                &mut crate::vm::HwVmcs,
+                &mut v.regs,
+                reply.mask,
+                &reply.state,
+            )
+            .map_err(|_| Status::InvalidArgument)?;
             crate::vm::fix_guest_control_registers(true);
             Ok(DONE)
         }
@@ -453,18 +533,28 @@ fn handle(k: &mut MutexGuard<'static, Kernel>, me: u32, space: u32, nr: u64, a: 
                 .ok()
                 .and_then(StateMask::from_bits)
                 .ok_or(Status::InvalidArgument)?;
-            let v = k.thread_mut(t).vcpu.as_deref_mut().ok_or(Status::Inconsistent)?;
+            let v = k
+                .thread_mut(t)
+                .vcpu
+                .as_deref_mut()
+                .ok_or(Status::Inconsistent)?;
             if a[1] == abi::ALL_EXITS {
                 v.masks = [mask.bits(); 80];
             } else {
-                *v.masks.get_mut(a[1] as usize).ok_or(Status::InvalidArgument)? = mask.bits();
+                *v.masks
+                    .get_mut(a[1] as usize)
+                    .ok_or(Status::InvalidArgument)? = mask.bits();
             }
             Ok(DONE)
         }
         Syscall::VcpuBind => {
             let t = lookup::<Vcpu>(k, space, a[0], VcpuRights::BIND)?;
             let e = lookup::<Ept>(k, space, a[1], EptRights::MAP)?;
-            let v = k.thread_mut(t).vcpu.as_deref_mut().ok_or(Status::Inconsistent)?;
+            let v = k
+                .thread_mut(t)
+                .vcpu
+                .as_deref_mut()
+                .ok_or(Status::Inconsistent)?;
             v.ept = e;
             v.eptp_dirty = true;
             Ok(DONE)
@@ -514,7 +604,8 @@ fn take_donation(k: &mut Kernel, space: u32, sel: u64, pool: &mut Pool) -> Resul
         return Err(Status::InsufficientRights);
     }
     let mut keys = Vec::new();
-    k.caps.delete_with(space, sel, &mut |_| {}, &mut |_, key| keys.push(key))?;
+    k.caps
+        .delete_with(space, sel, &mut |_| {}, &mut |_, key| keys.push(key))?;
     k.drop_mappings(keys);
     k.donated.add(obj.base, end);
     pool.add(obj.base, pages);
@@ -537,7 +628,10 @@ fn ept_map(k: &mut MutexGuard<'static, Kernel>, space: u32, a: [u64; 6]) -> Call
     if gpa % size.bytes() != 0 {
         return Err(Status::Unaligned);
     }
-    if gpa.checked_add(size.bytes()).is_none_or(|end| end > 1 << 48) {
+    if gpa
+        .checked_add(size.bytes())
+        .is_none_or(|end| end > 1 << 48)
+    {
         return Err(Status::OutOfRange);
     }
     let e = lookup::<Ept>(k, space, a[0], EptRights::MAP)?;
@@ -548,7 +642,11 @@ fn ept_map(k: &mut MutexGuard<'static, Kernel>, space: u32, a: [u64; 6]) -> Call
         return Err(Status::AlreadyMapped);
     }
     let level = (size.shift() / 9 - 1) as u8;
-    let key = NodeKey::Mapping { space: EPT_SPACE_BASE + e, page: gpa >> 12, level };
+    let key = NodeKey::Mapping {
+        space: EPT_SPACE_BASE + e,
+        page: gpa >> 12,
+        level,
+    };
     let (frame, size, rights, memtype, node) = match k.caps.get(space, a[1])?.kind() {
         ObjectKind::Ept => {
             let src = lookup::<Ept>(k, space, a[1], EptRights::MAP_SOURCE)?;
@@ -561,12 +659,28 @@ fn ept_map(k: &mut MutexGuard<'static, Kernel>, space: u32, a: [u64; 6]) -> Call
             if rights.is_empty() {
                 return Err(Status::NotBacked);
             }
-            let size = if leaf.size.bytes() < size.bytes() { leaf.size } else { size };
+            let size = if leaf.size.bytes() < size.bytes() {
+                leaf.size
+            } else {
+                size
+            };
             let leaf_base = leaf.size.align_down(src_offset);
             let frame = leaf.frame + (src_offset - leaf_base);
-            let memtype = if leaf.memtype == MemType::Uncacheable { MemType::Uncacheable } else { memtype };
-            let parent = source.mappings.get(&leaf_base).ok_or(Status::Inconsistent)?.0;
-            let key = NodeKey::Mapping { space: EPT_SPACE_BASE + e, page: gpa >> 12, level: (size.shift() / 9 - 1) as u8 };
+            let memtype = if leaf.memtype == MemType::Uncacheable {
+                MemType::Uncacheable
+            } else {
+                memtype
+            };
+            let parent = source
+                .mappings
+                .get(&leaf_base)
+                .ok_or(Status::Inconsistent)?
+                .0;
+            let key = NodeKey::Mapping {
+                space: EPT_SPACE_BASE + e,
+                page: gpa >> 12,
+                level: (size.shift() / 9 - 1) as u8,
+            };
             let node = k.caps.derive_from_node(parent, key)?;
             (frame, size, rights, memtype, node)
         }
@@ -584,7 +698,10 @@ fn ept_map(k: &mut MutexGuard<'static, Kernel>, space: u32, a: [u64; 6]) -> Call
             if src_offset % pages != 0 {
                 return Err(Status::Unaligned);
             }
-            if src_offset.checked_add(pages).is_none_or(|end| end > 1u64 << obj.order) {
+            if src_offset
+                .checked_add(pages)
+                .is_none_or(|end| end > 1u64 << obj.order)
+            {
                 return Err(Status::OutOfRange);
             }
             let frame = obj.base + src_offset * 4096;
@@ -597,7 +714,8 @@ fn ept_map(k: &mut MutexGuard<'static, Kernel>, space: u32, a: [u64; 6]) -> Call
     };
     let ept = k.epts[e as usize].as_mut().ok_or(Status::Inconsistent)?;
     let result = if ept.charge() {
-        ept.map(gpa, frame, size, rights, memtype, ignore_pat).map_err(map_status)
+        ept.map(gpa, frame, size, rights, memtype, ignore_pat)
+            .map_err(map_status)
     } else {
         Err(Status::OutOfMemory)
     };
@@ -641,7 +759,10 @@ fn mem_map(k: &mut MutexGuard<'static, Kernel>, space: u32, a: [u64; 6]) -> Call
     if offset % pages != 0 || vaddr % size.bytes() != 0 {
         return Err(Status::Unaligned);
     }
-    if offset.checked_add(pages).is_none_or(|end| end > 1u64 << obj.order) {
+    if offset
+        .checked_add(pages)
+        .is_none_or(|end| end > 1u64 << obj.order)
+    {
         return Err(Status::OutOfRange);
     }
     user_range(vaddr, size.bytes())?;
@@ -651,7 +772,11 @@ fn mem_map(k: &mut MutexGuard<'static, Kernel>, space: u32, a: [u64; 6]) -> Call
     {
         return Err(Status::AlreadyMapped);
     }
-    let key = NodeKey::Mapping { space: pd, page: vaddr >> 12, level: (size.shift() / 9 - 1) as u8 };
+    let key = NodeKey::Mapping {
+        space: pd,
+        page: vaddr >> 12,
+        level: (size.shift() / 9 - 1) as u8,
+    };
     let node = k.caps.derive_node(space, a[0], key)?;
     let frame = obj.base + offset * 4096;
     if k.donated.overlaps(frame, frame + size.bytes()) {

@@ -223,9 +223,18 @@ pub fn clear(vmcs: u64) {
 pub fn init_vmcs(v: &mut Vcpu, controls: &ControlSet, eptp: u64) {
     let mut m = HwVmcs;
     let caps = VmxCapabilities::from_msrs(hw::rdmsr);
-    m.write(F::PIN_BASED_VM_EXECUTION_CONTROLS, u64::from(controls.pin_based.bits()));
-    m.write(F::PRIMARY_PROCESSOR_BASED_VM_EXECUTION_CONTROLS, u64::from(controls.primary.bits()));
-    m.write(F::SECONDARY_PROCESSOR_BASED_VM_EXECUTION_CONTROLS, u64::from(controls.secondary.bits()));
+    m.write(
+        F::PIN_BASED_VM_EXECUTION_CONTROLS,
+        u64::from(controls.pin_based.bits()),
+    );
+    m.write(
+        F::PRIMARY_PROCESSOR_BASED_VM_EXECUTION_CONTROLS,
+        u64::from(controls.primary.bits()),
+    );
+    m.write(
+        F::SECONDARY_PROCESSOR_BASED_VM_EXECUTION_CONTROLS,
+        u64::from(controls.secondary.bits()),
+    );
     m.write(F::PRIMARY_VM_EXIT_CONTROLS, u64::from(controls.exit.bits()));
     m.write(F::VM_ENTRY_CONTROLS, u64::from(controls.entry.bits()));
     // #DB and #AC are intercepted (benign-exception loops); the VMM reinjects them.
@@ -257,11 +266,16 @@ pub fn init_vmcs(v: &mut Vcpu, controls: &ControlSet, eptp: u64) {
     m.write(F::HOST_IA32_SYSENTER_ESP, 0);
     m.write(F::HOST_IA32_SYSENTER_EIP, 0);
     m.write(F::HOST_RIP, vm_exit_entry as *const () as u64);
-    m.write(F::HOST_RSP, &v.regs.gprs as *const Gprs as u64 + GPRS_SIZE as u64);
+    m.write(
+        F::HOST_RSP,
+        &v.regs.gprs as *const Gprs as u64 + GPRS_SIZE as u64,
+    );
     write_host_per_cpu(&mut m);
 
     // Guest: 64-bit flat segments, paging off until the VMM writes its state.
-    let unrestricted = controls.secondary.contains(SecondaryControls::UNRESTRICTED_GUEST);
+    let unrestricted = controls
+        .secondary
+        .contains(SecondaryControls::UNRESTRICTED_GUEST);
     m.write(F::GUEST_CR0, caps.fixed_cr0(0x30, unrestricted));
     m.write(F::GUEST_CR4, caps.fixed_cr4(0));
     m.write(F::CR4_GUEST_HOST_MASK, caps.fixed_cr4(0));
@@ -272,11 +286,36 @@ pub fn init_vmcs(v: &mut Vcpu, controls: &ControlSet, eptp: u64) {
     m.write(F::GUEST_IA32_PAT, 0x0007_0406_0007_0406);
     m.write(F::GUEST_IA32_EFER, 0);
     for (sel, base, limit, ar) in [
-        (F::GUEST_ES_SELECTOR, F::GUEST_ES_BASE, F::GUEST_ES_LIMIT, F::GUEST_ES_ACCESS_RIGHTS),
-        (F::GUEST_SS_SELECTOR, F::GUEST_SS_BASE, F::GUEST_SS_LIMIT, F::GUEST_SS_ACCESS_RIGHTS),
-        (F::GUEST_DS_SELECTOR, F::GUEST_DS_BASE, F::GUEST_DS_LIMIT, F::GUEST_DS_ACCESS_RIGHTS),
-        (F::GUEST_FS_SELECTOR, F::GUEST_FS_BASE, F::GUEST_FS_LIMIT, F::GUEST_FS_ACCESS_RIGHTS),
-        (F::GUEST_GS_SELECTOR, F::GUEST_GS_BASE, F::GUEST_GS_LIMIT, F::GUEST_GS_ACCESS_RIGHTS),
+        (
+            F::GUEST_ES_SELECTOR,
+            F::GUEST_ES_BASE,
+            F::GUEST_ES_LIMIT,
+            F::GUEST_ES_ACCESS_RIGHTS,
+        ),
+        (
+            F::GUEST_SS_SELECTOR,
+            F::GUEST_SS_BASE,
+            F::GUEST_SS_LIMIT,
+            F::GUEST_SS_ACCESS_RIGHTS,
+        ),
+        (
+            F::GUEST_DS_SELECTOR,
+            F::GUEST_DS_BASE,
+            F::GUEST_DS_LIMIT,
+            F::GUEST_DS_ACCESS_RIGHTS,
+        ),
+        (
+            F::GUEST_FS_SELECTOR,
+            F::GUEST_FS_BASE,
+            F::GUEST_FS_LIMIT,
+            F::GUEST_FS_ACCESS_RIGHTS,
+        ),
+        (
+            F::GUEST_GS_SELECTOR,
+            F::GUEST_GS_BASE,
+            F::GUEST_GS_LIMIT,
+            F::GUEST_GS_ACCESS_RIGHTS,
+        ),
     ] {
         m.write(sel, 0);
         m.write(base, 0);
@@ -309,8 +348,18 @@ pub fn fix_guest_control_registers(unrestricted: bool) {
     let mut m = HwVmcs;
     let caps = VmxCapabilities::from_msrs(hw::rdmsr);
     for (cr, mask, shadow, forced) in [
-        (F::GUEST_CR0, F::CR0_GUEST_HOST_MASK, F::CR0_READ_SHADOW, caps.fixed_cr0(0, unrestricted)),
-        (F::GUEST_CR4, F::CR4_GUEST_HOST_MASK, F::CR4_READ_SHADOW, caps.fixed_cr4(0)),
+        (
+            F::GUEST_CR0,
+            F::CR0_GUEST_HOST_MASK,
+            F::CR0_READ_SHADOW,
+            caps.fixed_cr0(0, unrestricted),
+        ),
+        (
+            F::GUEST_CR4,
+            F::CR4_GUEST_HOST_MASK,
+            F::CR4_READ_SHADOW,
+            caps.fixed_cr4(0),
+        ),
     ] {
         let value = m.read(cr);
         let missing = forced & !value;

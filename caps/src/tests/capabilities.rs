@@ -843,7 +843,11 @@ proptest! {
 // ---- Mappings and derived objects in the same tree ------------------------------------------
 
 fn mapping(space: u32, page: u64) -> NodeKey {
-    NodeKey::Mapping { space, page, level: 0 }
+    NodeKey::Mapping {
+        space,
+        page,
+        level: 0,
+    }
 }
 
 #[test]
@@ -855,7 +859,9 @@ fn revoking_a_capability_removes_mappings_derived_from_its_copies() {
     let shadow = sys.derive_from_node(map, mapping(0x1001, 0x200)).unwrap();
     let (mut caps, mut nodes) = (Vec::new(), Vec::new());
     let n = sys
-        .revoke_with(0, 0, &mut |c| caps.push(c), &mut |id, key| nodes.push((id, key)))
+        .revoke_with(0, 0, &mut |c| caps.push(c), &mut |id, key| {
+            nodes.push((id, key))
+        })
         .unwrap();
     assert_eq!(n, 3);
     assert_eq!(caps.len(), 1);
@@ -875,7 +881,9 @@ fn removing_a_mapping_node_removes_only_its_subtree() {
     let b = sys.derive_node(0, 0, mapping(0, 2)).unwrap();
     let a_child = sys.derive_from_node(a, mapping(0x1000, 9)).unwrap();
     let mut removed = Vec::new();
-    let n = sys.remove_node(a, &mut |_| {}, &mut |id, _| removed.push(id)).unwrap();
+    let n = sys
+        .remove_node(a, &mut |_| {}, &mut |id, _| removed.push(id))
+        .unwrap();
     assert_eq!(n, 2);
     assert_eq!(removed, vec![a_child, a]);
     assert!(sys.tree().contains(b));
@@ -900,13 +908,26 @@ fn derived_objects_keep_the_kind_narrow_the_rights_and_go_with_the_source() {
     let mut sys = system();
     sys.create(0, 0, ObjectKind::Memory, 1, ALL_MEMORY).unwrap();
     let part = sys
-        .derive_object(0, 0, 0, 1, 42, (MemoryRights::READ | MemoryRights::MAP).bits())
+        .derive_object(
+            0,
+            0,
+            0,
+            1,
+            42,
+            (MemoryRights::READ | MemoryRights::MAP).bits(),
+        )
         .unwrap();
     assert_eq!(part.kind(), ObjectKind::Memory);
     assert_eq!(part.object(), 42);
-    assert_eq!(part.rights(), (MemoryRights::READ | MemoryRights::MAP).bits());
+    assert_eq!(
+        part.rights(),
+        (MemoryRights::READ | MemoryRights::MAP).bits()
+    );
     assert_eq!(sys.parent_of(0, 1), Ok(Some((0, 0))));
-    assert_eq!(sys.derive_object(0, 0, 0, 1, 43, ALL_MEMORY), Err(CapError::SlotOccupied));
+    assert_eq!(
+        sys.derive_object(0, 0, 0, 1, 43, ALL_MEMORY),
+        Err(CapError::SlotOccupied)
+    );
     let (r, removed) = removed_by(&mut sys, 0, 0, false);
     assert_eq!(r, Ok(1));
     assert_eq!(removed[0].capability.object(), 42);

@@ -62,15 +62,21 @@ impl Executable {
 }
 
 fn u16_at(b: &[u8], off: usize) -> Option<u16> {
-    Some(u16::from_le_bytes(b.get(off..off.checked_add(2)?)?.try_into().ok()?))
+    Some(u16::from_le_bytes(
+        b.get(off..off.checked_add(2)?)?.try_into().ok()?,
+    ))
 }
 
 fn u32_at(b: &[u8], off: usize) -> Option<u32> {
-    Some(u32::from_le_bytes(b.get(off..off.checked_add(4)?)?.try_into().ok()?))
+    Some(u32::from_le_bytes(
+        b.get(off..off.checked_add(4)?)?.try_into().ok()?,
+    ))
 }
 
 fn u64_at(b: &[u8], off: usize) -> Option<u64> {
-    Some(u64::from_le_bytes(b.get(off..off.checked_add(8)?)?.try_into().ok()?))
+    Some(u64::from_le_bytes(
+        b.get(off..off.checked_add(8)?)?.try_into().ok()?,
+    ))
 }
 
 const PT_LOAD: u32 = 1;
@@ -104,7 +110,11 @@ pub fn parse(file: &[u8]) -> Result<Executable, ElfError> {
     if table_end > file.len() {
         return Err(bad);
     }
-    let mut exe = Executable { entry, segments: [None; 16], count: 0 };
+    let mut exe = Executable {
+        entry,
+        segments: [None; 16],
+        count: 0,
+    };
     for i in 0..phnum {
         let ph = phoff + i * phentsize;
         if u32_at(file, ph).ok_or(bad)? != PT_LOAD {
@@ -123,7 +133,10 @@ pub fn parse(file: &[u8]) -> Result<Executable, ElfError> {
         if seg.file_size > seg.mem_size || seg.vaddr.checked_add(seg.mem_size).is_none() {
             return Err(ElfError::SegmentSizes);
         }
-        let end = seg.file_offset.checked_add(seg.file_size).ok_or(ElfError::SegmentOutsideFile)?;
+        let end = seg
+            .file_offset
+            .checked_add(seg.file_size)
+            .ok_or(ElfError::SegmentOutsideFile)?;
         if end > file.len() as u64 {
             return Err(ElfError::SegmentOutsideFile);
         }
@@ -140,7 +153,8 @@ impl Segment {
     /// The segment's bytes in `file` (checked by `parse`).
     pub fn bytes<'a>(&self, file: &'a [u8]) -> &'a [u8] {
         let start = self.file_offset as usize;
-        file.get(start..start + self.file_size as usize).unwrap_or(&[])
+        file.get(start..start + self.file_size as usize)
+            .unwrap_or(&[])
     }
 }
 

@@ -15,6 +15,9 @@ pub const TARGET_BINARIES: &[(&str, &str, &str)] = &[
     ("kernel", "capvisor", "."),
     ("roottask", "roottask", "userland"),
     ("echo", "echo", "userland"),
+    ("vmm", "vmm", "userland"),
+    // Linked at guest-physical 1 MiB: the workspace's static code fits.
+    ("guest64", "guest64", "."),
 ];
 
 /// A boot module: the binary and the name given to it on the `module2` line.
@@ -28,6 +31,12 @@ fn modules_for(scenario: &str) -> Vec<Module> {
     let module = |binary, name| Module { binary, name };
     match scenario {
         "ipc" | "ipc-bench" => vec![module("roottask", "roottask"), module("echo", "echo")],
+        "guest" | "vmexit-bench" => vec![
+            module("roottask", "roottask"),
+            module("echo", "echo"),
+            module("vmm", "vmm"),
+            module("guest64", "guest64"),
+        ],
         _ => Vec::new(),
     }
 }
