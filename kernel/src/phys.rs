@@ -67,7 +67,7 @@ pub fn zero(addr: u64, len: usize) -> bool {
 
 /// Reads the u64 at physical `addr` (8-byte aligned, inside the map).
 pub fn read_u64(addr: u64) -> Option<u64> {
-    if addr % 8 != 0 || !in_map(addr, 8) {
+    if !addr.is_multiple_of(8) || !in_map(addr, 8) {
         return None;
     }
     // SAFETY: aligned and inside the identity map; page-table frames are only read and written
@@ -77,7 +77,7 @@ pub fn read_u64(addr: u64) -> Option<u64> {
 
 /// Writes the u64 at physical `addr` (8-byte aligned, inside the map).
 pub fn write_u64(addr: u64, value: u64) -> bool {
-    if addr % 8 != 0 || !in_map(addr, 8) {
+    if !addr.is_multiple_of(8) || !in_map(addr, 8) {
         return false;
     }
     // SAFETY: as for `read_u64`.

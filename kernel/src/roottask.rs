@@ -6,7 +6,7 @@ use crate::bootinfo::{BootInfo, Module};
 use crate::memory::{self, PAGE_SIZE};
 use crate::percpu::{CPUS, VmxState};
 use crate::phys;
-use crate::sched::{self, Kernel};
+use crate::sched::{self, Kernel, ThreadStart};
 use abi::elf;
 use caps::ObjectKind;
 use ept::entry::{PageSize, Rights};
@@ -114,12 +114,14 @@ pub fn create(info: &BootInfo) -> Result<u32, RootError> {
     let thread = k
         .create_thread(
             0,
-            exe.entry,
-            abi::ROOT_STACK_TOP,
-            abi::ROOT_UTCB,
-            ROOT_PRIORITY,
-            0,
-            None,
+            ThreadStart {
+                entry: exe.entry,
+                stack: abi::ROOT_STACK_TOP,
+                utcb: abi::ROOT_UTCB,
+                priority: ROOT_PRIORITY,
+                cpu: 0,
+                fault_endpoint: None,
+            },
         )
         .map_err(|_| RootError::OutOfMemory)?;
     let all = |kind: ObjectKind| kind.valid_rights();
@@ -210,7 +212,7 @@ pub fn create(info: &BootInfo) -> Result<u32, RootError> {
             let Some(base) = memory::alloc_pages(1 << order) else {
                 continue 'orders;
             };
-            phys::zero(base, (PAGE_SIZE << order) as usize);
+            phys::zero(base, PAGE_SIZE << order);
             let obj = k.create_memory(base, order);
             if k.caps
                 .create(0, slot, ObjectKind::Memory, obj, all(ObjectKind::Memory))
@@ -230,7 +232,7 @@ pub fn create(info: &BootInfo) -> Result<u32, RootError> {
     log::info!(
         "root task: {} memory blocks ({} MiB), {} modules",
         bi.memory_count,
-        total * PAGE_SIZE as u64 >> 20,
+        (total * PAGE_SIZE as u64) >> 20,
         bi.module_count
     );
 

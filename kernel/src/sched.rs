@@ -75,6 +75,18 @@ pub struct Thread {
     pub in_exit: bool,
 }
 
+/// Where and how a new thread starts.
+pub struct ThreadStart {
+    pub entry: u64,
+    pub stack: u64,
+    /// User address of its UTCB page.
+    pub utcb: u64,
+    pub priority: u8,
+    pub cpu: usize,
+    /// Endpoint (object index) for its faults.
+    pub fault_endpoint: Option<u32>,
+}
+
 #[derive(Default)]
 pub struct Endpoint {
     pub senders: VecDeque<u32>,
@@ -284,17 +296,8 @@ impl Kernel {
         ))
     }
 
-    /// Creates a suspended thread in `pd` with its UTCB mapped at `utcb_vaddr`.
-    pub fn create_thread(
-        &mut self,
-        pd: u32,
-        entry: u64,
-        stack: u64,
-        utcb_vaddr: u64,
-        priority: u8,
-        cpu: usize,
-        fault_endpoint: Option<u32>,
-    ) -> Result<u32, Status> {
+    /// Creates a suspended thread in `pd` with its UTCB mapped at `start.utcb`.
+    pub fn create_thread(&mut self, pd: u32, start: ThreadStart) -> Result<u32, Status> {
         let utcb = memory::alloc_zeroed_pages(1).ok_or(Status::OutOfMemory)?;
         phys::write_u64(utcb, abi::NO_SLOT);
         let aspace = &self.pds[pd as usize]
@@ -302,7 +305,7 @@ impl Kernel {
             .ok_or(Status::Inconsistent)?
             .aspace;
         if let Err(e) = aspace.map(
-            utcb_vaddr,
+            start.utcb,
             utcb,
             PageSize::Size4K,
             Rights::READ | Rights::WRITE,
@@ -311,14 +314,14 @@ impl Kernel {
             return Err(map_status(e));
         }
         let thread = Box::new(Thread {
-            ctx: entry::initial_frame(entry, stack),
+            ctx: entry::initial_frame(start.entry, start.stack),
             fpu: FpuArea::initial(),
             pd,
-            priority,
-            cpu,
+            priority: start.priority,
+            cpu: start.cpu,
             state: State::Suspended,
             caller: None,
-            fault_endpoint,
+            fault_endpoint: start.fault_endpoint,
             in_fault: false,
             fault_words: [0; 4],
             utcb,

@@ -229,7 +229,15 @@ fn handle(
                 0 => None,
                 s => Some(lookup::<Endpoint>(k, space, s - 1, EndpointRights::CALL)?),
             };
-            let t = k.create_thread(pd, entry, stack, utcb, priority, cpu, fault)?;
+            let start = sched::ThreadStart {
+                entry,
+                stack,
+                utcb,
+                priority,
+                cpu,
+                fault_endpoint: fault,
+            };
+            let t = k.create_thread(pd, start)?;
             k.caps.create(
                 space,
                 a[1],
@@ -331,7 +339,7 @@ fn handle(
             let pd = lookup::<ProtectionDomain>(k, space, a[0], ProtectionDomainRights::empty())?;
             let size = page_size(a[2])?;
             let vaddr = a[1];
-            if vaddr % size.bytes() != 0 {
+            if !vaddr.is_multiple_of(size.bytes()) {
                 return Err(Status::Unaligned);
             }
             user_range(vaddr, size.bytes())?;
@@ -432,7 +440,7 @@ fn handle(
         Syscall::EptUnmap => {
             let e = lookup::<Ept>(k, space, a[0], EptRights::UNMAP)?;
             let size = page_size(a[2])?;
-            if a[1] % size.bytes() != 0 {
+            if !a[1].is_multiple_of(size.bytes()) {
                 return Err(Status::Unaligned);
             }
             let node = match k.epts[e as usize]
