@@ -71,7 +71,7 @@ pub struct EptSpace {
 
 /// The EPT features of this machine (from IA32_VMX_EPT_VPID_CAP).
 pub fn machine_capabilities() -> EptCapabilities {
-    let caps = vcpu::controls::VmxCapabilities::from_msrs(hw::rdmsr).ept_vpid();
+    let caps = crate::vmx::capabilities().ept_vpid();
     let (max_ext, ..) = hw::cpuid(0x8000_0000, 0);
     let max_phys_bits = if max_ext >= 0x8000_0008 {
         (hw::cpuid(0x8000_0008, 0).0 & 0xff) as u8

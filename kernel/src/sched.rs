@@ -1129,7 +1129,7 @@ impl Kernel {
         let vpid = self.next_vpid;
         self.next_vpid = self.next_vpid.checked_add(1).ok_or(Status::OutOfMemory)?;
         let vmcs = memory::alloc_zeroed_pages(1).ok_or(Status::OutOfMemory)?;
-        let caps = vcpu::controls::VmxCapabilities::from_msrs(hw::rdmsr);
+        let caps = crate::vmx::capabilities();
         phys::write(vmcs, &caps.revision_id().to_le_bytes());
         let default_mask =
             (vcpu::message::StateMask::GPRS | vcpu::message::StateMask::RIP_RSP_RFLAGS).bits();

@@ -576,6 +576,16 @@ fn handle(
             k.set_affinity(t, cpu);
             Ok(DONE)
         }
+        Syscall::VmxCapability => {
+            if crate::percpu::current().vmx_state() != crate::percpu::VmxState::Root {
+                return Err(Status::Unsupported);
+            }
+            let index = u32::try_from(a[0]).map_err(|_| Status::InvalidArgument)?;
+            let value = crate::vmx::capabilities()
+                .msr(index)
+                .ok_or(Status::InvalidArgument)?;
+            Ok(Outcome::Done([Some(value), None, None]))
+        }
         Syscall::DebugExit => {
             if space != 0 {
                 return Err(Status::InsufficientRights);

@@ -8,7 +8,7 @@ use core::arch::global_asm;
 use core::sync::atomic::Ordering;
 use vcpu::controls::{
     ControlSet, EntryControls, ExitControls, PinBasedControls, ProcessorBasedControls,
-    SecondaryControls, TertiaryControls, VmxCapabilities,
+    SecondaryControls, TertiaryControls,
 };
 use vcpu::exit::RawExit;
 use vcpu::message::{ExitMessage, Gprs, SavedRegisters, StateMask};
@@ -155,7 +155,7 @@ pub fn enter(gprs: *mut Gprs, launched: bool) -> ! {
 /// The controls every vCPU gets (negotiated against the capability MSRs, so the same code
 /// works on Bochs and on KVM nested).
 pub fn controls() -> Option<ControlSet> {
-    let caps = VmxCapabilities::from_msrs(hw::rdmsr);
+    let caps = crate::vmx::capabilities();
     let required = ControlSet {
         pin_based: PinBasedControls::EXTERNAL_INTERRUPT_EXITING | PinBasedControls::NMI_EXITING,
         primary: ProcessorBasedControls::HLT_EXITING
@@ -222,7 +222,7 @@ pub fn clear(vmcs: u64) {
 /// empty 64-bit-capable guest state the VMM overwrites.
 pub fn init_vmcs(v: &mut Vcpu, controls: &ControlSet, eptp: u64) {
     let mut m = HwVmcs;
-    let caps = VmxCapabilities::from_msrs(hw::rdmsr);
+    let caps = crate::vmx::capabilities();
     m.write(
         F::PIN_BASED_VM_EXECUTION_CONTROLS,
         u64::from(controls.pin_based.bits()),
@@ -346,7 +346,7 @@ pub fn init_vmcs(v: &mut Vcpu, controls: &ControlSet, eptp: u64) {
 /// and shown to the guest as the VMM wrote them (read shadow).
 pub fn fix_guest_control_registers(unrestricted: bool) {
     let mut m = HwVmcs;
-    let caps = VmxCapabilities::from_msrs(hw::rdmsr);
+    let caps = crate::vmx::capabilities();
     for (cr, mask, shadow, forced) in [
         (
             F::GUEST_CR0,

@@ -12,6 +12,14 @@ const FEATURE_CONTROL_LOCK: u64 = 1 << 0;
 const FEATURE_CONTROL_VMX_OUTSIDE_SMX: u64 = 1 << 2;
 const CR4_VMXE: u64 = 1 << 13;
 
+static CAPABILITIES: spin::Once<VmxCapabilities> = spin::Once::new();
+
+/// The VMX capability MSRs, read once (every CPU of a machine reports the same; the BSP reads
+/// them after its CPUID check says VMX exists).
+pub fn capabilities() -> &'static VmxCapabilities {
+    CAPABILITIES.call_once(|| VmxCapabilities::from_msrs(hw::rdmsr))
+}
+
 /// Brings the calling CPU into VMX root operation if it can; records the outcome.
 pub fn init_this_cpu() -> VmxState {
     let state = enter_root();
@@ -38,7 +46,7 @@ fn enter_root() -> VmxState {
         return VmxState::DisabledByFirmware;
     }
 
-    let caps = VmxCapabilities::from_msrs(hw::rdmsr);
+    let caps = capabilities();
     let cr0 = caps.fixed_cr0(hw::read_cr0(), false);
     let cr4 = caps.fixed_cr4(hw::read_cr4() | CR4_VMXE);
     let revision = caps.revision_id();
@@ -74,7 +82,7 @@ fn enter_root() -> VmxState {
 
 /// Logs what the BSP's VMX capability MSRs offer.
 pub fn log_features() {
-    let caps = VmxCapabilities::from_msrs(hw::rdmsr);
+    let caps = capabilities();
     crate::println!(
         "vmx: VMCS revision {:#x}, secondary controls {:?}, EPT/VPID {:?}",
         caps.revision_id(),

@@ -55,6 +55,7 @@ pub enum Syscall {
     VcpuSetMask = 65,
     VcpuBind = 66,
     VcpuSetAffinity = 67,
+    VmxCapability = 68,
 }
 
 impl Syscall {
@@ -100,6 +101,7 @@ impl Syscall {
             65 => VcpuSetMask,
             66 => VcpuBind,
             67 => VcpuSetAffinity,
+            68 => VmxCapability,
             _ => return None,
         })
     }
