@@ -13,11 +13,11 @@ use std::sync::OnceLock;
 /// `relocation-model=static` is for the kernel).
 pub const TARGET_BINARIES: &[(&str, &str, &str)] = &[
     ("kernel", "capvisor", "."),
+    // Linked at guest-physical 1 MiB: the workspace's static code fits.
+    ("guest64", "guest64", "."),
     ("roottask", "roottask", "userland"),
     ("echo", "echo", "userland"),
     ("vmm", "vmm", "userland"),
-    // Linked at guest-physical 1 MiB: the workspace's static code fits.
-    ("guest64", "guest64", "."),
 ];
 
 /// A boot module: the binary and the name given to it on the `module2` line.
