@@ -462,6 +462,42 @@ fn handle(
             k.invalidate_ept(e);
             Ok(DONE)
         }
+        Syscall::EptRead | Syscall::EptWrite => {
+            let write = call == Syscall::EptWrite;
+            let right = if write { EptRights::MAP } else { EptRights::MAP_SOURCE };
+            let e = lookup::<Ept>(k, space, a[0], right)?;
+            let (gpa, count) = (a[1], a[2]);
+            if count == 0 || count > abi::UTCB_WORDS as u64 {
+                return Err(Status::InvalidArgument);
+            }
+            if !gpa.is_multiple_of(8) {
+                return Err(Status::Unaligned);
+            }
+            let utcb = k.thread(me).utcb + UTCB_WORDS_OFFSET;
+            let ept = k.epts[e as usize].as_ref().ok_or(Status::Inconsistent)?;
+            let mut done = 0u64;
+            while done < count {
+                let at = gpa.checked_add(done * 8).ok_or(Status::OutOfRange)?;
+                let leaf = ept.lookup(at).ok_or(Status::NotBacked)?;
+                let needed = if write { Rights::WRITE } else { Rights::READ };
+                if !leaf.rights.contains(needed) {
+                    return Err(Status::NotBacked);
+                }
+                let in_page = (4096 - (at & 0xfff)) / 8;
+                let n = in_page.min(count - done) as usize;
+                let host = leaf.frame + (at & leaf.size.offset_mask());
+                let mut buf = [0u64; 512];
+                if write {
+                    phys::read_words(utcb + done * 8, &mut buf[..n]);
+                    phys::write_words(host, &buf[..n]);
+                } else {
+                    phys::read_words(host, &mut buf[..n]);
+                    phys::write_words(utcb + done * 8, &buf[..n]);
+                }
+                done += n as u64;
+            }
+            Ok(Outcome::Done([Some(count), None, None]))
+        }
         Syscall::VcpuCreate => {
             let pd =
                 lookup::<ProtectionDomain>(k, space, a[0], ProtectionDomainRights::CREATE_VCPU)?;
