@@ -29,8 +29,8 @@ pub use derivation::{
 pub use error::CapError;
 pub use object::{Cap, Capability, ObjectKind, ObjectType};
 pub use rights::{
-    EndpointRights, EptRights, MemoryRights, NotificationRights, ProtectionDomainRights,
-    ThreadRights, VcpuRights,
+    EndpointRights, EptRights, IoPortRights, MemoryRights, NotificationRights,
+    ProtectionDomainRights, ThreadRights, VcpuRights,
 };
 pub use space::{CapSpace, CapSystem, RemovedCap, Slot};
 

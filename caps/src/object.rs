@@ -3,8 +3,8 @@
 use crate::derivation::NodeId;
 use crate::error::CapError;
 use crate::rights::{
-    EndpointRights, EptRights, MemoryRights, NotificationRights, ProtectionDomainRights,
-    ThreadRights, VcpuRights,
+    EndpointRights, EptRights, IoPortRights, MemoryRights, NotificationRights,
+    ProtectionDomainRights, ThreadRights, VcpuRights,
 };
 use bitflags::Flags;
 use core::fmt;
@@ -27,11 +27,13 @@ pub enum ObjectKind {
     Vcpu = 6,
     /// An EPT: a guest-physical memory space.
     Ept = 7,
+    /// A range of I/O ports.
+    IoPorts = 8,
 }
 
 impl ObjectKind {
     /// Every kind, in code order.
-    pub const ALL: [ObjectKind; 7] = [
+    pub const ALL: [ObjectKind; 8] = [
         Self::ProtectionDomain,
         Self::Thread,
         Self::Endpoint,
@@ -39,6 +41,7 @@ impl ObjectKind {
         Self::Memory,
         Self::Vcpu,
         Self::Ept,
+        Self::IoPorts,
     ];
 
     /// Stable numeric code (also the `kind` of `NodeKey::Object`); 0 is never a kind.
@@ -66,6 +69,7 @@ impl ObjectKind {
             Self::Memory => MemoryRights::all().bits(),
             Self::Vcpu => VcpuRights::all().bits(),
             Self::Ept => EptRights::all().bits(),
+            Self::IoPorts => IoPortRights::all().bits(),
         }
     }
 }
@@ -106,6 +110,8 @@ object_types! {
     Vcpu => VcpuRights;
     /// Marker for EPT capabilities.
     Ept => EptRights;
+    /// Marker for I/O-port capabilities.
+    IoPorts => IoPortRights;
 }
 
 /// A validated, typed capability: an object of kind `T` and the rights held on it.

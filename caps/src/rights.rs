@@ -113,3 +113,14 @@ bitflags! {
         const INVALIDATE = 1 << 3;
     }
 }
+
+bitflags! {
+    /// Rights on a range of I/O ports.
+    #[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+    pub struct IoPortRights: u32 {
+        /// Let a protection domain's threads access the ports (IN/OUT in ring 3).
+        const USE = 1 << 0;
+        /// Split off a sub-range as a new capability.
+        const DELEGATE = 1 << 1;
+    }
+}

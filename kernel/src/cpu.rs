@@ -36,6 +36,21 @@ pub struct Tss {
     pub iomap_base: u16,
 }
 
+/// Bytes of an I/O permission bitmap: one bit per port, a set bit denies (SDM Vol. 1, 19.5.2).
+pub const IO_BITMAP_BYTES: usize = 8192;
+
+/// A TSS followed by its I/O permission bitmap and the 0xff byte the SDM requires after it.
+#[repr(C, packed)]
+pub struct TssWithBitmap {
+    pub tss: Tss,
+    pub bitmap: [u8; IO_BITMAP_BYTES],
+    pub end: u8,
+}
+
+/// `iomap_base` when the bitmap is in force, and when every port is denied (beyond the limit).
+const IOMAP_ACTIVE: u16 = core::mem::size_of::<Tss>() as u16;
+const IOMAP_NONE: u16 = core::mem::size_of::<TssWithBitmap>() as u16;
+
 /// A 16-byte IDT gate (SDM Vol. 3A, 6.14.1).
 #[derive(Clone, Copy)]
 #[repr(C)]
@@ -238,26 +253,30 @@ pub fn init_this_cpu() {
         idt
     });
 
-    let mut tss = Box::new(Tss {
-        _reserved0: 0,
-        rsp: [0; 3],
-        _reserved1: 0,
-        ist: [0; 7],
-        _reserved2: 0,
-        _reserved3: 0,
-        iomap_base: core::mem::size_of::<Tss>() as u16,
+    let mut tss = Box::new(TssWithBitmap {
+        tss: Tss {
+            _reserved0: 0,
+            rsp: [0; 3],
+            _reserved1: 0,
+            ist: [0; 7],
+            _reserved2: 0,
+            _reserved3: 0,
+            iomap_base: IOMAP_NONE,
+        },
+        bitmap: [0xff; IO_BITMAP_BYTES],
+        end: 0xff,
     });
     for slot in 0..3 {
         let stack = memory::alloc_zeroed_pages(IST_STACK_PAGES)
             .expect("no memory for an IST stack at boot");
-        tss.ist[slot] = stack + (IST_STACK_PAGES * memory::PAGE_SIZE) as u64;
+        tss.tss.ist[slot] = stack + (IST_STACK_PAGES * memory::PAGE_SIZE) as u64;
     }
-    let tss: &'static mut Tss = Box::leak(tss);
-    let tss_addr = tss as *mut Tss as u64;
+    let tss: &'static mut TssWithBitmap = Box::leak(tss);
+    let tss_addr = tss as *mut TssWithBitmap as u64;
     percpu::current()
         .tss
         .store(tss_addr, core::sync::atomic::Ordering::Relaxed);
-    let limit = (core::mem::size_of::<Tss>() - 1) as u64;
+    let limit = (core::mem::size_of::<TssWithBitmap>() - 1) as u64;
 
     let gdt: &'static mut [u64; 8] = Box::leak(Box::new([
         0,
@@ -306,9 +325,66 @@ pub fn set_user_trap_frame(cpu: &percpu::PerCpu, top: u64) {
     if tss == 0 {
         return;
     }
-    // SAFETY: `tss` is this CPU's TSS, leaked in `init_this_cpu` and written only by this CPU
+    // SAFETY: `tss` is this CPU's TSS (leaked TssWithBitmap), written only by this CPU
     // (with interrupts off in the kernel); RSP0 is the u64 at offset 4 of the packed struct.
     unsafe { core::ptr::write_unaligned((tss + 4) as *mut u64, top) };
+}
+
+/// Loads the I/O permissions of the PD about to run on this CPU: its bitmap (copied only when
+/// another PD's is loaded), or none at all. Restores the TR limit a VM exit cut to 0x67.
+pub fn load_io_bitmap(cpu: &percpu::PerCpu, owner: Option<(u32, &[u8; IO_BITMAP_BYTES])>) {
+    use core::sync::atomic::Ordering;
+    let tss = cpu.tss.load(Ordering::Relaxed);
+    if tss == 0 {
+        return;
+    }
+    let iomap = tss + core::mem::offset_of!(Tss, iomap_base) as u64;
+    match owner {
+        None => {
+            // SAFETY: `tss` is this CPU's leaked TssWithBitmap, written only by this CPU with
+            // interrupts off; the field is a packed u16, hence the unaligned write.
+            unsafe { core::ptr::write_unaligned(iomap as *mut u16, IOMAP_NONE) };
+        }
+        Some((pd, bitmap)) => {
+            if cpu.io_owner.load(Ordering::Relaxed) != u64::from(pd) + 1 {
+                let at = tss + core::mem::offset_of!(TssWithBitmap, bitmap) as u64;
+                // SAFETY: as above; the bitmap field is IO_BITMAP_BYTES long.
+                unsafe {
+                    core::ptr::copy_nonoverlapping(bitmap.as_ptr(), at as *mut u8, IO_BITMAP_BYTES)
+                };
+                cpu.io_owner.store(u64::from(pd) + 1, Ordering::Relaxed);
+            }
+            // SAFETY: as above.
+            unsafe { core::ptr::write_unaligned(iomap as *mut u16, IOMAP_ACTIVE) };
+            if cpu.tr_clobbered.swap(false, Ordering::Relaxed) {
+                reload_task_register(cpu);
+            }
+        }
+    }
+}
+
+/// Forgets which PD's bitmap this CPU's TSS holds (after that PD's grants changed).
+pub fn invalidate_io_bitmap(cpu: &percpu::PerCpu) {
+    cpu.io_owner.store(0, core::sync::atomic::Ordering::Relaxed);
+}
+
+/// A VM exit sets the TR limit to 0x67 (SDM Vol. 3C 28.5.2), hiding the I/O bitmap: mark it
+/// for a reload before a PD with I/O ports runs here.
+pub fn note_vm_exit(cpu: &percpu::PerCpu) {
+    cpu.tr_clobbered
+        .store(true, core::sync::atomic::Ordering::Relaxed);
+}
+
+fn reload_task_register(cpu: &percpu::PerCpu) {
+    let gdt = cpu.gdt.load(core::sync::atomic::Ordering::Relaxed);
+    let descriptor = gdt + u64::from(TSS_SELECTOR);
+    // SAFETY: this CPU's GDT (leaked, written only by this CPU); clearing the busy bit (type
+    // 0xB -> 0x9) of its own TSS descriptor lets LTR load it again with the full limit.
+    unsafe {
+        let d = core::ptr::read_volatile(descriptor as *const u64);
+        core::ptr::write_volatile(descriptor as *mut u64, d & !(1 << 41));
+        hw::load_tr(TSS_SELECTOR);
+    }
 }
 
 /// Names of the architectural exceptions (SDM Vol. 3A, Table 6-1).

@@ -59,6 +59,10 @@ pub struct PerCpu {
     pub idt: AtomicU64,
     /// Physical address of the VMCS current on this CPU (0: none).
     pub current_vmcs: AtomicU64,
+    /// PD index + 1 whose I/O bitmap the TSS holds (0: none).
+    pub io_owner: AtomicU64,
+    /// A VM exit cut the TR limit; reload TR before a PD with I/O ports runs.
+    pub tr_clobbered: AtomicBool,
     /// Index in `CPUS` (0 = the bootstrap processor).
     pub index: AtomicU32,
     /// Local APIC ID (x2APIC ID where x2APIC is on).
@@ -83,6 +87,8 @@ impl PerCpu {
             gdt: AtomicU64::new(0),
             idt: AtomicU64::new(0),
             current_vmcs: AtomicU64::new(0),
+            io_owner: AtomicU64::new(0),
+            tr_clobbered: AtomicBool::new(false),
             index: AtomicU32::new(0),
             apic_id: AtomicU32::new(0),
             online: AtomicBool::new(false),

@@ -112,3 +112,18 @@ pub fn read_words(addr: u64, words: &mut [u64]) -> bool {
     };
     true
 }
+
+/// The `N` u64 words at `addr`, copied once (no zeroing first), if inside the identity map.
+pub fn read_array<const N: usize>(addr: u64) -> Option<[u64; N]> {
+    if !in_map(addr, N * 8) {
+        return None;
+    }
+    let mut out = core::mem::MaybeUninit::<[u64; N]>::uninit();
+    // SAFETY: the source is inside the identity map (checked) and is RAM the caller reaches
+    // under the kernel lock; the copy initialises all N * 8 bytes of `out`, and any bytes are
+    // a valid [u64; N].
+    unsafe {
+        core::ptr::copy_nonoverlapping(addr as *const u8, out.as_mut_ptr().cast::<u8>(), N * 8);
+        Some(out.assume_init())
+    }
+}

@@ -143,6 +143,16 @@ pub fn create(info: &BootInfo) -> Result<u32, RootError> {
             all(ObjectKind::Thread),
         )
         .map_err(|_| RootError::OutOfMemory)?;
+    let ports = k.create_io_ports(0, 0x1_0000);
+    k.caps
+        .create(
+            0,
+            abi::ROOT_IO_PORTS,
+            ObjectKind::IoPorts,
+            ports,
+            all(ObjectKind::IoPorts),
+        )
+        .map_err(|_| RootError::OutOfMemory)?;
 
     let mut bi = abi::BootInfo {
         magic: abi::BOOT_INFO_MAGIC,

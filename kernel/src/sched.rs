@@ -33,6 +33,10 @@ pub type Caps = CapSystem<VecStorage, SPACES, SLOTS>;
 /// A protection domain.
 pub struct Pd {
     pub aspace: AddressSpace,
+    /// I/O permission bitmap (a set bit denies), once any port was granted.
+    pub io_bitmap: Option<Box<[u8; cpu::IO_BITMAP_BYTES]>>,
+    /// I/O port grants: first port -> (derivation node, number of ports).
+    pub io_grants: BTreeMap<u32, (NodeId, u32)>,
     /// User mappings: virtual address -> (derivation node, page size).
     pub mappings: BTreeMap<u64, (NodeId, PageSize)>,
     /// CPUs that have this address space loaded now (bit per CPU index).
@@ -159,6 +163,8 @@ pub struct Kernel {
     pub endpoints: Vec<Option<Endpoint>>,
     pub notifications: Vec<Option<Notification>>,
     pub memory: Vec<Option<MemoryObject>>,
+    /// I/O port ranges: (first port, number of ports).
+    pub io_ranges: Vec<Option<(u32, u32)>>,
     pub epts: Vec<Option<EptSpace>>,
     /// Memory donated to the kernel (EPT pools): never mappable again.
     pub donated: Donated,
@@ -173,6 +179,7 @@ static KERNEL: Mutex<Kernel> = Mutex::new(Kernel {
     endpoints: Vec::new(),
     notifications: Vec::new(),
     memory: Vec::new(),
+    io_ranges: Vec::new(),
     epts: Vec::new(),
     donated: Donated::new(),
     next_vpid: 1,
@@ -290,6 +297,8 @@ impl Kernel {
             &mut self.pds,
             Pd {
                 aspace,
+                io_bitmap: None,
+                io_grants: BTreeMap::new(),
                 mappings: BTreeMap::new(),
                 active_cpus: 0,
             },
@@ -339,6 +348,10 @@ impl Kernel {
         insert(&mut self.notifications, Notification::default())
     }
 
+    pub fn create_io_ports(&mut self, first: u32, count: u32) -> u32 {
+        insert(&mut self.io_ranges, (first, count))
+    }
+
     pub fn create_memory(&mut self, base: u64, order: u8) -> u32 {
         insert(&mut self.memory, MemoryObject { base, order })
     }
@@ -380,15 +393,25 @@ impl Kernel {
             t.fpu.restore();
         }
         self.cpus[me].current = Some(next);
-        if prev_pd != Some(next_pd) {
+        if prev_pd == Some(next_pd) {
+            // Same PD, but a VM exit in between may have left the kernel's CR3 loaded.
+            if let Some(pd) = self.pds[next_pd as usize].as_ref() {
+                pd.aspace.activate();
+            }
+        } else {
             if let Some(p) = prev_pd
                 && let Some(pd) = self.pds[p as usize].as_mut()
             {
                 pd.active_cpus &= !(1 << me);
             }
+            let is_thread = self.thread(next).vcpu.is_none();
             if let Some(pd) = self.pds[next_pd as usize].as_mut() {
                 pd.active_cpus |= 1 << me;
                 pd.aspace.activate();
+                if is_thread {
+                    let bitmap = pd.io_bitmap.as_deref().map(|b| (next_pd, b));
+                    cpu::load_io_bitmap(&CPUS[me], bitmap);
+                }
             }
         }
         let base = &self.thread(next).ctx as *const TrapFrame as u64;
@@ -697,42 +720,46 @@ impl Kernel {
 
     /// Applies a VMM's reply to an exit message (docs/abi.md, "Replies").
     fn reply_to_vcpu(&mut self, me: u32, caller: u32, info: MessageInfo) -> SysResult {
-        use vcpu::message::{REPLY_WORDS, Reply, ResumeAction};
-        let reply = match info.extra_words() {
-            0 => None,
+        use vcpu::message::{REPLY_WORDS, Reply, ResumeAction, StateMask};
+        let mut stop = false;
+        match info.extra_words() {
+            0 => {}
             REPLY_WORDS => {
-                let mut words = [0u64; REPLY_WORDS];
                 let off = core::mem::offset_of!(abi::Utcb, words) as u64;
-                phys::read_words(self.thread(me).utcb + off, &mut words);
-                Some(Reply::from_words(&words).map_err(|_| Status::InvalidArgument)?)
+                let words: [u64; REPLY_WORDS] =
+                    phys::read_array(self.thread(me).utcb + off).ok_or(Status::Inconsistent)?;
+                // A binding names a capability of the replier: check it before writing.
+                let binding = match (words[0] >> 32) & 0xff {
+                    2 => Some(
+                        self.caps
+                            .lookup::<caps::object::Ept>(
+                                self.thread(me).pd,
+                                words[1],
+                                caps::EptRights::MAP,
+                            )?
+                            .object(),
+                    ),
+                    _ => None,
+                };
+                self.vcpu_vmcs_here(caller)?;
+                let v = self
+                    .thread_mut(caller)
+                    .vcpu
+                    .as_deref_mut()
+                    .ok_or(Status::Inconsistent)?;
+                let action = Reply::apply_words(&words, &mut crate::vm::HwVmcs, &mut v.regs)
+                    .map_err(|_| Status::InvalidArgument)?;
+                let mask = StateMask::from_bits_truncate(words[0] as u32);
+                if mask.intersects(StateMask::CR | StateMask::CONTROLS) {
+                    crate::vm::fix_guest_control_registers(true);
+                }
+                if let Some(e) = binding {
+                    v.ept = e;
+                    v.eptp_dirty = true;
+                }
+                stop = action == ResumeAction::Stop;
             }
             _ => return Err(Status::InvalidArgument),
-        };
-        let mut stop = false;
-        if let Some(reply) = reply {
-            let binding = match reply.action {
-                ResumeAction::ResumeWithEptBinding(sel) => Some(
-                    self.caps
-                        .lookup::<caps::object::Ept>(self.thread(me).pd, sel, caps::EptRights::MAP)?
-                        .object(),
-                ),
-                _ => None,
-            };
-            self.vcpu_vmcs_here(caller)?;
-            let v = self
-                .thread_mut(caller)
-                .vcpu
-                .as_deref_mut()
-                .ok_or(Status::Inconsistent)?;
-            let action = reply
-                .apply(&mut crate::vm::HwVmcs, &mut v.regs)
-                .map_err(|_| Status::InvalidArgument)?;
-            crate::vm::fix_guest_control_registers(true);
-            if let Some(e) = binding {
-                v.ept = e;
-                v.eptp_dirty = true;
-            }
-            stop = action == ResumeAction::Stop;
         }
         let t = self.thread_mut(caller);
         t.in_exit = false;
@@ -944,6 +971,16 @@ impl Kernel {
         let NodeKey::Mapping { space, page, .. } = key else {
             return None;
         };
+        if space >= IO_SPACE_BASE {
+            let pd = space - IO_SPACE_BASE;
+            let p = self.pds.get_mut(pd as usize)?.as_mut()?;
+            let (_, count) = p.io_grants.remove(&(page as u32))?;
+            if let Some(bitmap) = p.io_bitmap.as_deref_mut() {
+                set_ports(bitmap, page as u32, count, true);
+            }
+            self.refresh_io(pd);
+            return None;
+        }
         let address = page << 12;
         if space >= EPT_SPACE_BASE {
             let e = space - EPT_SPACE_BASE;
@@ -959,6 +996,44 @@ impl Kernel {
         Some(Space::Pd(space))
     }
 
+    /// Grants `pd` the ports `[first, first + count)`, recorded as a child of `node`'s
+    /// capability (done by the caller).
+    pub fn grant_ports(&mut self, pd: u32, first: u32, count: u32, node: NodeId) -> SysResult {
+        let p = self.pds[pd as usize].as_mut().ok_or(Status::Inconsistent)?;
+        let bitmap = p
+            .io_bitmap
+            .get_or_insert_with(|| Box::new([0xff; cpu::IO_BITMAP_BYTES]));
+        set_ports(bitmap, first, count, false);
+        p.io_grants.insert(first, (node, count));
+        self.refresh_io(pd);
+        Ok(())
+    }
+
+    /// Puts `pd`'s new bitmap in force on every CPU that runs it now.
+    fn refresh_io(&mut self, pd: u32) {
+        let Some(p) = self.pds[pd as usize].as_ref() else {
+            return;
+        };
+        let Some(bitmap) = p.io_bitmap.as_deref() else {
+            return;
+        };
+        // A CPU whose TSS still holds this PD's old bitmap must copy it again, even if the PD
+        // does not run there now; a CPU that runs it gets the new one at once.
+        for c in 0..MAX_CPUS {
+            if CPUS[c].io_owner.load(Ordering::Relaxed) == u64::from(pd) + 1 {
+                cpu::invalidate_io_bitmap(&CPUS[c]);
+            }
+        }
+        for c in (0..MAX_CPUS).filter(|c| p.active_cpus & (1 << c) != 0) {
+            let runs_thread = self.cpus[c]
+                .current
+                .is_some_and(|t| self.thread(t).vcpu.is_none());
+            if runs_thread {
+                cpu::load_io_bitmap(&CPUS[c], Some((pd, bitmap)));
+            }
+        }
+    }
+
     /// Removes the mappings of removed derivation-tree nodes and invalidates what cached them.
     pub fn drop_mappings(&mut self, keys: Vec<NodeKey>) {
         let mut spaces: Vec<Space> = keys
@@ -972,6 +1047,21 @@ impl Kernel {
                 Space::Pd(pd) => self.shootdown(pd),
                 Space::Ept(e) => self.invalidate_ept(e),
             }
+        }
+    }
+}
+
+/// Derivation-tree space ids of I/O-port grants: `IO_SPACE_BASE + PD`.
+pub const IO_SPACE_BASE: u32 = 0x2000;
+
+/// Sets (`deny`) or clears the bitmap bits of ports `[first, first + count)`.
+fn set_ports(bitmap: &mut [u8; cpu::IO_BITMAP_BYTES], first: u32, count: u32, deny: bool) {
+    for port in first..first.saturating_add(count).min(0x1_0000) {
+        let (byte, bit) = ((port / 8) as usize, port % 8);
+        if deny {
+            bitmap[byte] |= 1 << bit;
+        } else {
+            bitmap[byte] &= !(1 << bit);
         }
     }
 }
@@ -1148,6 +1238,7 @@ impl Kernel {
             recall: false,
             exit_label: 0,
             exit_words: [0; vcpu::message::EXIT_MESSAGE_WORDS],
+            exit_mask: vcpu::message::StateMask::empty(),
         });
         crate::vm::clear(vmcs);
         if !crate::vm::make_current(vmcs) {
@@ -1233,7 +1324,7 @@ impl Kernel {
         };
         if captured.is_none() {
             v.recall = false;
-            v.exit_words = crate::vm::capture_state(v, crate::vm::RECALL_MASK);
+            crate::vm::capture_state_into(v, crate::vm::RECALL_MASK);
         }
         v.exit_label = label;
         let ep = v.exit_endpoint;
@@ -1253,6 +1344,7 @@ extern "C" fn vm_exit_dispatch() -> ! {
     if let Some(v) = k.thread_mut(t).vcpu.as_deref_mut() {
         v.regs.cr2 = crate::hw::read_cr2();
     }
+    cpu::note_vm_exit(&CPUS[this_cpu()]);
     match basic {
         // External interrupt: let the host take it (it is pending in the local APIC).
         1 => {
@@ -1265,7 +1357,7 @@ extern "C" fn vm_exit_dispatch() -> ! {
         }
         _ => {
             if let Some(v) = k.thread_mut(t).vcpu.as_deref_mut() {
-                crate::vm::capture_exit(v);
+                crate::vm::capture_exit(v, basic);
             }
             k.send_exit(t, abi::LABEL_VM_EXIT + basic, Some(()));
         }
@@ -1282,7 +1374,7 @@ extern "C" fn vm_entry_failed() -> ! {
     let error = crate::vm::instruction_error();
     if let Some(v) = k.thread_mut(t).vcpu.as_deref_mut() {
         v.launched = false;
-        v.exit_words = crate::vm::capture_state(v, vcpu::message::StateMask::RIP_RSP_RFLAGS);
+        crate::vm::capture_state_into(v, vcpu::message::StateMask::RIP_RSP_RFLAGS);
         v.exit_words[1] = 33 | (1 << 31);
         v.exit_words[2] = error;
     }

@@ -9,10 +9,10 @@ use crate::sched::State;
 use crate::sched::{self, Kernel, map_status};
 use abi::{MessageInfo, Status, Syscall, USER_BASE, USER_END};
 use alloc::vec::Vec;
-use caps::object::{Endpoint, Ept, Memory, Notification, ProtectionDomain, Thread, Vcpu};
+use caps::object::{Endpoint, Ept, IoPorts, Memory, Notification, ProtectionDomain, Thread, Vcpu};
 use caps::{
-    EndpointRights, EptRights, MemoryRights, NodeKey, NotificationRights, ObjectKind, ObjectType,
-    ProtectionDomainRights, ThreadRights, VcpuRights,
+    EndpointRights, EptRights, IoPortRights, MemoryRights, NodeKey, NotificationRights, ObjectKind,
+    ObjectType, ProtectionDomainRights, ThreadRights, VcpuRights,
 };
 use ept::entry::{MemType, PageSize, Rights};
 use spin::MutexGuard;
@@ -464,7 +464,11 @@ fn handle(
         }
         Syscall::EptRead | Syscall::EptWrite => {
             let write = call == Syscall::EptWrite;
-            let right = if write { EptRights::MAP } else { EptRights::MAP_SOURCE };
+            let right = if write {
+                EptRights::MAP
+            } else {
+                EptRights::MAP_SOURCE
+            };
             let e = lookup::<Ept>(k, space, a[0], right)?;
             let (gpa, count) = (a[1], a[2]);
             if count == 0 || count > abi::UTCB_WORDS as u64 {
@@ -622,6 +626,39 @@ fn handle(
                 .ok_or(Status::InvalidArgument)?;
             Ok(Outcome::Done([Some(value), None, None]))
         }
+        Syscall::IoPortMap => {
+            let r = lookup::<IoPorts>(k, space, a[0], IoPortRights::USE)?;
+            let pd = lookup::<ProtectionDomain>(k, space, a[1], ProtectionDomainRights::empty())?;
+            let (first, count) = port_range(k, r, a[2], a[3])?;
+            if k.pds[pd as usize]
+                .as_ref()
+                .is_some_and(|p| p.io_grants.contains_key(&first))
+            {
+                return Err(Status::AlreadyMapped);
+            }
+            let key = NodeKey::Mapping {
+                space: sched::IO_SPACE_BASE + pd,
+                page: u64::from(first),
+                level: 0,
+            };
+            let node = k.caps.derive_node(space, a[0], key)?;
+            k.grant_ports(pd, first, count, node)?;
+            Ok(DONE)
+        }
+        Syscall::IoPortSplit => {
+            let r = lookup::<IoPorts>(k, space, a[0], IoPortRights::DELEGATE)?;
+            vacant(k, space, a[3])?;
+            let range = port_range(k, r, a[1], a[2])?;
+            let part = k.create_io_ports(range.0, range.1);
+            if let Err(e) = k
+                .caps
+                .derive_object(space, a[0], space, a[3], part, u32::MAX)
+            {
+                k.io_ranges[part as usize] = None;
+                return Err(e.into());
+            }
+            Ok(DONE)
+        }
         Syscall::DebugExit => {
             if space != 0 {
                 return Err(Status::InsufficientRights);
@@ -633,6 +670,19 @@ fn handle(
             }
         }
     }
+}
+
+/// Checks `[first, first + count)` against the I/O-port object `r`.
+fn port_range(k: &Kernel, r: u32, first: u64, count: u64) -> Result<(u32, u32), Status> {
+    let (base, len) = k.io_ranges[r as usize].ok_or(Status::Inconsistent)?;
+    let end = first.checked_add(count).ok_or(Status::OutOfRange)?;
+    if count == 0 {
+        return Err(Status::InvalidArgument);
+    }
+    if first < u64::from(base) || end > u64::from(base) + u64::from(len) {
+        return Err(Status::OutOfRange);
+    }
+    Ok((first as u32, count as u32))
 }
 
 const UTCB_WORDS_OFFSET: u64 = core::mem::offset_of!(abi::Utcb, words) as u64;
@@ -672,100 +722,112 @@ fn ept_map(k: &mut MutexGuard<'static, Kernel>, space: u32, a: [u64; 6]) -> Call
     if flags >> 20 != 0 || flags & 0xf8 != 0 {
         return Err(Status::InvalidArgument);
     }
-    let size = page_size((flags >> 8) & 0xff)?;
+    let requested = page_size((flags >> 8) & 0xff)?;
     let memtype = MemType::from_bits(((flags >> 16) & 7) as u8).ok_or(Status::InvalidArgument)?;
     let ignore_pat = flags & (1 << 19) != 0;
     let wanted = Rights::from_bits_truncate((flags & 7) as u8);
     if wanted.is_empty() {
         return Err(Status::InvalidArgument);
     }
-    if gpa % size.bytes() != 0 {
-        return Err(Status::Unaligned);
-    }
     if gpa
-        .checked_add(size.bytes())
+        .checked_add(requested.bytes())
         .is_none_or(|end| end > 1 << 48)
     {
         return Err(Status::OutOfRange);
     }
     let e = lookup::<Ept>(k, space, a[0], EptRights::MAP)?;
-    if k.epts[e as usize]
-        .as_ref()
-        .is_some_and(|x| x.mappings.contains_key(&gpa))
-    {
-        return Err(Status::AlreadyMapped);
-    }
-    let level = (size.shift() / 9 - 1) as u8;
-    let key = NodeKey::Mapping {
+    let key = |gpa: u64, size: PageSize| NodeKey::Mapping {
         space: EPT_SPACE_BASE + e,
         page: gpa >> 12,
-        level,
+        level: (size.shift() / 9 - 1) as u8,
     };
-    let (frame, size, rights, memtype, node) = match k.caps.get(space, a[1])?.kind() {
-        ObjectKind::Ept => {
-            let src = lookup::<Ept>(k, space, a[1], EptRights::MAP_SOURCE)?;
-            if src_offset % size.bytes() != 0 {
-                return Err(Status::Unaligned);
-            }
-            let source = k.epts[src as usize].as_ref().ok_or(Status::Inconsistent)?;
-            let leaf = source.lookup(src_offset).ok_or(Status::NotBacked)?;
-            let rights = wanted & leaf.rights;
-            if rights.is_empty() {
-                return Err(Status::NotBacked);
-            }
-            let size = if leaf.size.bytes() < size.bytes() {
-                leaf.size
-            } else {
-                size
-            };
-            let leaf_base = leaf.size.align_down(src_offset);
-            let frame = leaf.frame + (src_offset - leaf_base);
-            let memtype = if leaf.memtype == MemType::Uncacheable {
-                MemType::Uncacheable
-            } else {
-                memtype
-            };
-            let parent = source
-                .mappings
-                .get(&leaf_base)
-                .ok_or(Status::Inconsistent)?
-                .0;
-            let key = NodeKey::Mapping {
-                space: EPT_SPACE_BASE + e,
-                page: gpa >> 12,
-                level: (size.shift() / 9 - 1) as u8,
-            };
-            let node = k.caps.derive_from_node(parent, key)?;
-            (frame, size, rights, memtype, node)
-        }
-        _ => {
-            let mut need = MemoryRights::MAP | MemoryRights::READ;
-            if wanted.contains(Rights::WRITE) {
-                need |= MemoryRights::WRITE;
-            }
-            if wanted.contains(Rights::EXECUTE) {
-                need |= MemoryRights::EXECUTE;
-            }
-            let m = lookup::<Memory>(k, space, a[1], need)?;
-            let obj = k.memory[m as usize].ok_or(Status::Inconsistent)?;
-            let pages = size.bytes() / 4096;
-            if src_offset % pages != 0 {
-                return Err(Status::Unaligned);
-            }
-            if src_offset
-                .checked_add(pages)
-                .is_none_or(|end| end > 1u64 << obj.order)
-            {
-                return Err(Status::OutOfRange);
-            }
-            let frame = obj.base + src_offset * 4096;
-            if k.donated.overlaps(frame, frame + size.bytes()) {
-                return Err(Status::InsufficientRights);
-            }
-            let node = k.caps.derive_node(space, a[1], key)?;
-            (frame, size, wanted, memtype, node)
-        }
+    let taken = |k: &Kernel, gpa: u64| {
+        k.epts[e as usize]
+            .as_ref()
+            .is_some_and(|x| x.mappings.contains_key(&gpa))
     };
+    let (frame, gpa, size, rights, memtype, ignore_pat, node) =
+        match k.caps.get(space, a[1])?.kind() {
+            ObjectKind::Ept => {
+                // The page of the source that holds `src_offset`, mapped at the page of this
+                // EPT that holds `gpa`: as large as asked, the source's page and the two
+                // addresses' alignment allow.
+                let src = lookup::<Ept>(k, space, a[1], EptRights::MAP_SOURCE)?;
+                if !gpa.is_multiple_of(4096) || !src_offset.is_multiple_of(4096) {
+                    return Err(Status::Unaligned);
+                }
+                let source = k.epts[src as usize].as_ref().ok_or(Status::Inconsistent)?;
+                let leaf = source.lookup(src_offset).ok_or(Status::NotBacked)?;
+                let rights = wanted & leaf.rights;
+                if rights.is_empty() {
+                    return Err(Status::NotBacked);
+                }
+                let mut size = requested;
+                while size != PageSize::Size4K
+                    && (leaf.size.bytes() < size.bytes()
+                        || gpa & size.offset_mask() != src_offset & size.offset_mask())
+                {
+                    size = if size == PageSize::Size1G {
+                        PageSize::Size2M
+                    } else {
+                        PageSize::Size4K
+                    };
+                }
+                let (gpa, src_base) = (size.align_down(gpa), size.align_down(src_offset));
+                let leaf_base = leaf.size.align_down(src_offset);
+                let frame = leaf.frame + (src_base - leaf_base);
+                // A page the source maps uncacheable stays uncacheable, whatever PAT says.
+                let (memtype, ignore_pat) = if leaf.memtype == MemType::Uncacheable {
+                    (MemType::Uncacheable, true)
+                } else {
+                    (memtype, ignore_pat)
+                };
+                if taken(k, gpa) {
+                    return Err(Status::AlreadyMapped);
+                }
+                let parent = source
+                    .mappings
+                    .get(&leaf_base)
+                    .ok_or(Status::Inconsistent)?
+                    .0;
+                let node = k.caps.derive_from_node(parent, key(gpa, size))?;
+                (frame, gpa, size, rights, memtype, ignore_pat, node)
+            }
+            _ => {
+                let size = requested;
+                if !gpa.is_multiple_of(size.bytes()) {
+                    return Err(Status::Unaligned);
+                }
+                let mut need = MemoryRights::MAP | MemoryRights::READ;
+                if wanted.contains(Rights::WRITE) {
+                    need |= MemoryRights::WRITE;
+                }
+                if wanted.contains(Rights::EXECUTE) {
+                    need |= MemoryRights::EXECUTE;
+                }
+                let m = lookup::<Memory>(k, space, a[1], need)?;
+                let obj = k.memory[m as usize].ok_or(Status::Inconsistent)?;
+                let pages = size.bytes() / 4096;
+                if !src_offset.is_multiple_of(pages) {
+                    return Err(Status::Unaligned);
+                }
+                if src_offset
+                    .checked_add(pages)
+                    .is_none_or(|end| end > 1u64 << obj.order)
+                {
+                    return Err(Status::OutOfRange);
+                }
+                let frame = obj.base + src_offset * 4096;
+                if k.donated.overlaps(frame, frame + size.bytes()) {
+                    return Err(Status::InsufficientRights);
+                }
+                if taken(k, gpa) {
+                    return Err(Status::AlreadyMapped);
+                }
+                let node = k.caps.derive_node(space, a[1], key(gpa, size))?;
+                (frame, gpa, size, wanted, memtype, ignore_pat, node)
+            }
+        };
     let ept = k.epts[e as usize].as_mut().ok_or(Status::Inconsistent)?;
     let result = if ept.charge() {
         ept.map(gpa, frame, size, rights, memtype, ignore_pat)

@@ -10,7 +10,6 @@ use vcpu::controls::{
     ControlSet, EntryControls, ExitControls, PinBasedControls, ProcessorBasedControls,
     SecondaryControls, TertiaryControls,
 };
-use vcpu::exit::RawExit;
 use vcpu::message::{ExitMessage, Gprs, SavedRegisters, StateMask};
 use vcpu::vmcs::{VmcsAccess, VmcsField as F};
 
@@ -54,6 +53,8 @@ pub struct Vcpu {
     /// The message of the pending exit: label and the 78-word exit-message image.
     pub exit_label: u16,
     pub exit_words: [u64; vcpu::message::EXIT_MESSAGE_WORDS],
+    /// The groups whose words `exit_words` holds (zeroed when a later message omits them).
+    pub exit_mask: StateMask,
 }
 
 const _: () = assert!(core::mem::offset_of!(Vcpu, regs) == 0);
@@ -375,14 +376,12 @@ pub fn fix_guest_control_registers(unrestricted: bool) {
 
 /// Captures the exit that just happened (the VMCS is current): its raw fields and the state
 /// groups the VMM asked for, as the 78-word message image.
-pub fn capture_exit(v: &mut Vcpu) -> RawExit {
-    let raw = RawExit::read(&HwVmcs);
-    let basic = (raw.reason & 0xffff) as usize;
-    let mask = StateMask::from_bits_truncate(*v.masks.get(basic).unwrap_or(&0))
+pub fn capture_exit(v: &mut Vcpu, basic: u16) {
+    let mask = StateMask::from_bits_truncate(*v.masks.get(usize::from(basic)).unwrap_or(&0))
         | StateMask::EXIT_INFO
         | StateMask::RIP_RSP_RFLAGS;
-    v.exit_words = ExitMessage::capture(&HwVmcs, &v.regs, mask).to_words();
-    raw
+    ExitMessage::capture_words(&HwVmcs, &v.regs, mask, v.exit_mask, &mut v.exit_words);
+    v.exit_mask = mask;
 }
 
 /// What a recall message carries: every guest-state group.
@@ -391,6 +390,12 @@ pub const RECALL_MASK: StateMask = StateMask::all().difference(StateMask::EXIT_I
 /// Captures the current guest state (for a recall or `VcpuReadState`) with `mask`.
 pub fn capture_state(v: &Vcpu, mask: StateMask) -> [u64; vcpu::message::EXIT_MESSAGE_WORDS] {
     ExitMessage::capture(&HwVmcs, &v.regs, mask).to_words()
+}
+
+/// Captures the current guest state into the vCPU's message buffer.
+pub fn capture_state_into(v: &mut Vcpu, mask: StateMask) {
+    v.exit_words = capture_state(v, mask);
+    v.exit_mask = StateMask::all();
 }
 
 /// The VM-instruction error of the last failed VMX instruction (SDM Vol. 3C 31.4).

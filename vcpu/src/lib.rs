@@ -29,6 +29,7 @@
 pub mod controls;
 pub mod exit;
 pub mod message;
+pub mod nested;
 pub mod qualification;
 pub mod vmcs;
 

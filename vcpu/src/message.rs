@@ -1002,6 +1002,15 @@ impl ResumeAction {
     }
 }
 
+/// Why [`Reply::apply_words`] refused a reply (nothing was written).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ApplyError {
+    /// The words are not a valid encoding.
+    Decode(DecodeError),
+    /// The reply breaks the host-isolation rule.
+    Load(LoadError),
+}
+
 /// A word array that is not a valid encoding.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DecodeError {
@@ -1202,6 +1211,42 @@ impl GuestState {
     }
 }
 
+/// Words 0-7 of an exit message (module table).
+fn encode_header(mask: StateMask, e: &RawExit, words: &mut [u64; EXIT_MESSAGE_WORDS]) {
+    let mut w = Writer { words, at: 0 };
+    w.put(mask.bits().into());
+    w.pair(e.reason, e.instruction_length);
+    w.put(e.qualification);
+    w.put(e.guest_linear_address);
+    w.put(e.guest_physical_address);
+    w.pair(e.instruction_information, e.interruption_information);
+    w.pair(e.interruption_error_code, e.idt_vectoring_information);
+    w.put(e.idt_vectoring_error_code.into());
+}
+
+/// The words one state group occupies within the encoded guest state.
+pub fn group_words(group: StateMask) -> Option<core::ops::Range<usize>> {
+    let (start, len) = match group {
+        StateMask::GPRS => (word::GPRS, 15),
+        StateMask::RIP_RSP_RFLAGS => (word::RIP_RSP_RFLAGS, 3),
+        StateMask::CR => (word::CR, 4),
+        StateMask::DR7 => (word::DR7, 1),
+        StateMask::SEGMENTS => (word::SEGMENTS, 16),
+        StateMask::DESCRIPTOR_TABLES => (word::DESCRIPTOR_TABLES, 3),
+        StateMask::EFER_PAT => (word::EFER_PAT, 2),
+        StateMask::SYSENTER => (word::SYSENTER, 3),
+        StateMask::SYSCALL_MSRS => (word::SYSCALL_MSRS, 5),
+        StateMask::INTERRUPTIBILITY_ACTIVITY => (word::INTERRUPTIBILITY_ACTIVITY, 2),
+        StateMask::EVENT_INJECTION => (word::EVENT_INJECTION, 2),
+        StateMask::TSC => (word::TSC, 1),
+        StateMask::PREEMPTION_TIMER => (word::PREEMPTION_TIMER, 1),
+        StateMask::CONTROLS => (word::CONTROLS, 8),
+        StateMask::PDPTES => (word::PDPTES, 4),
+        _ => return None,
+    };
+    Some(start..start + len)
+}
+
 fn mask_from_word(word: u64, at: usize) -> Result<StateMask, DecodeError> {
     StateMask::from_bits(word as u32).ok_or(DecodeError { word: at })
 }
@@ -1249,23 +1294,56 @@ impl ExitMessage {
     /// Encodes the message as [`EXIT_MESSAGE_WORDS`] words (module table).
     pub fn to_words(&self) -> [u64; EXIT_MESSAGE_WORDS] {
         let mut words = [0; EXIT_MESSAGE_WORDS];
-        let e = &self.exit;
-        let mut w = Writer {
-            words: &mut words,
-            at: 0,
-        };
-        w.put(self.mask.bits().into());
-        w.pair(e.reason, e.instruction_length);
-        w.put(e.qualification);
-        w.put(e.guest_linear_address);
-        w.put(e.guest_physical_address);
-        w.pair(e.instruction_information, e.interruption_information);
-        w.pair(e.interruption_error_code, e.idt_vectoring_information);
-        w.put(e.idt_vectoring_error_code.into());
+        encode_header(self.mask, &self.exit, &mut words);
         let state: &mut [u64; GUEST_STATE_WORDS] =
             (&mut words[8..]).try_into().expect("78 = 8 + 70");
         self.state.to_words(state);
         words
+    }
+
+    /// Captures the current exit straight into its word encoding, without building an
+    /// [`ExitMessage`]: the words of `capture(vmcs, regs, mask).to_words()` for the header and
+    /// the groups in `mask`. Words of the groups in `stale` but not in `mask` (what the buffer
+    /// held from an earlier message) are zeroed; other words are left as they are. The
+    /// kernel's exit path uses this: for the common small masks (exit information, GPRs, RIP
+    /// RSP RFLAGS) it reads and writes only those words.
+    pub fn capture_words(
+        vmcs: &impl VmcsAccess,
+        regs: &SavedRegisters,
+        mask: StateMask,
+        stale: StateMask,
+        out: &mut [u64; EXIT_MESSAGE_WORDS],
+    ) {
+        let fast = StateMask::EXIT_INFO | StateMask::GPRS | StateMask::RIP_RSP_RFLAGS;
+        if !fast.contains(mask) {
+            *out = ExitMessage::capture(vmcs, regs, mask).to_words();
+            return;
+        }
+        let exit = if mask.contains(StateMask::EXIT_INFO) {
+            RawExit::read(vmcs)
+        } else {
+            RawExit {
+                reason: vmcs.read32(VmcsField::EXIT_REASON),
+                ..RawExit::default()
+            }
+        };
+        encode_header(mask, &exit, out);
+        for group in (stale - mask).iter() {
+            if let Some(range) = group_words(group) {
+                out[8 + range.start..8 + range.end].fill(0);
+            }
+        }
+        if mask.contains(StateMask::GPRS) {
+            for (slot, value) in out[8 + word::GPRS..].iter_mut().zip(regs.gprs.slots()) {
+                *slot = *value;
+            }
+        }
+        if mask.contains(StateMask::RIP_RSP_RFLAGS) {
+            let at = 8 + word::RIP_RSP_RFLAGS;
+            out[at] = vmcs.read(VmcsField::GUEST_RIP);
+            out[at + 1] = vmcs.read(VmcsField::GUEST_RSP);
+            out[at + 2] = vmcs.read(VmcsField::GUEST_RFLAGS);
+        }
     }
 
     /// Decodes [`EXIT_MESSAGE_WORDS`] words.
@@ -1355,6 +1433,48 @@ impl Reply {
         Ok(self.action)
     }
 
+    /// Decodes and applies a reply in one step, as `from_words` then `apply` do, reading
+    /// only the words of the groups in its mask (the others are ignored, as the encoding
+    /// says). For replies that write only GPRs and RIP RSP RFLAGS (which carry no
+    /// host-isolation constraint) with action resume or advance, nothing else is built.
+    pub fn apply_words(
+        words: &[u64; REPLY_WORDS],
+        vmcs: &mut impl VmcsAccess,
+        regs: &mut SavedRegisters,
+    ) -> Result<ResumeAction, ApplyError> {
+        if words[0] >> 40 != 0 {
+            return Err(ApplyError::Decode(DecodeError { word: 0 }));
+        }
+        let mask = mask_from_word(words[0], 0).map_err(ApplyError::Decode)?;
+        let action = ResumeAction::from_code((words[0] >> 32) & 0xff, words[1])
+            .ok_or(ApplyError::Decode(DecodeError { word: 0 }))?;
+        let fast = StateMask::GPRS | StateMask::RIP_RSP_RFLAGS;
+        if !fast.contains(mask) || !matches!(action, ResumeAction::Resume | ResumeAction::Advance) {
+            let reply = Reply::from_words(words).map_err(ApplyError::Decode)?;
+            return reply.apply(vmcs, regs).map_err(ApplyError::Load);
+        }
+        if mask.contains(StateMask::GPRS) {
+            for (slot, value) in regs
+                .gprs
+                .slots_mut()
+                .into_iter()
+                .zip(&words[2 + word::GPRS..])
+            {
+                *slot = *value;
+            }
+        }
+        if mask.contains(StateMask::RIP_RSP_RFLAGS) {
+            let at = 2 + word::RIP_RSP_RFLAGS;
+            vmcs.write(VmcsField::GUEST_RIP, words[at]);
+            vmcs.write(VmcsField::GUEST_RSP, words[at + 1]);
+            vmcs.write(VmcsField::GUEST_RFLAGS, words[at + 2]);
+        }
+        if action == ResumeAction::Advance {
+            skip_instruction(vmcs);
+        }
+        Ok(action)
+    }
+
     /// Encodes the reply as [`REPLY_WORDS`] words (module table).
     pub fn to_words(&self) -> [u64; REPLY_WORDS] {
         let mut words = [0; REPLY_WORDS];
@@ -1382,6 +1502,70 @@ impl Reply {
             action,
             state,
         })
+    }
+}
+
+#[cfg(test)]
+mod fast_path_tests {
+    use super::*;
+    use crate::vmcs::VmcsImage;
+    use proptest::prelude::*;
+
+    fn vmcs_with(seed: u64) -> VmcsImage {
+        let mut v = VmcsImage::default();
+        for (i, f) in crate::vmcs::ALL_FIELDS.iter().enumerate() {
+            v.write(
+                *f,
+                seed.rotate_left(i as u32 % 64) ^ (i as u64 * 0x9e37_79b9),
+            );
+        }
+        v
+    }
+
+    fn regs_with(seed: u64) -> SavedRegisters {
+        let mut r = SavedRegisters::default();
+        for (i, g) in r.gprs.slots_mut().into_iter().enumerate() {
+            *g = seed.wrapping_mul(i as u64 + 3);
+        }
+        r
+    }
+
+    proptest! {
+        #[test]
+        fn capture_words_matches_capture_then_to_words(seed: u64, bits in 0u32..0x8000, stale_bits in 0u32..0x8000) {
+            let mask = StateMask::from_bits_truncate(bits);
+            let stale = StateMask::from_bits_truncate(stale_bits);
+            let vmcs = vmcs_with(seed);
+            let regs = regs_with(seed);
+            let expected = ExitMessage::capture(&vmcs, &regs, mask).to_words();
+            // A buffer holding an older message of the `stale` groups, zero elsewhere.
+            let mut out = [0u64; EXIT_MESSAGE_WORDS];
+            let mut older = ExitMessage::capture(&vmcs_with(!seed), &regs_with(!seed), stale).to_words();
+            older[..8].fill(0xdead);
+            out.copy_from_slice(&older);
+            ExitMessage::capture_words(&vmcs, &regs, mask, stale, &mut out);
+            prop_assert_eq!(out.to_vec(), expected.to_vec());
+        }
+
+        #[test]
+        fn apply_words_matches_from_words_then_apply(seed: u64, bits in 0u32..0x8000, action in 0u64..4, words in proptest::collection::vec(any::<u64>(), REPLY_WORDS)) {
+            let mut w: [u64; REPLY_WORDS] = words.try_into().unwrap();
+            let mask = StateMask::from_bits_truncate(bits) - StateMask::EXIT_INFO;
+            w[0] = u64::from(mask.bits()) | (action << 32);
+            w[1] = if action == 2 { seed } else { 0 };
+            let (mut v1, mut r1) = (vmcs_with(seed), regs_with(seed));
+            let (mut v2, mut r2) = (vmcs_with(seed), regs_with(seed));
+            let general = Reply::from_words(&w).map(|r| r.apply(&mut v1, &mut r1));
+            let fast = Reply::apply_words(&w, &mut v2, &mut r2);
+            // Where the general decoder accepts the words, both agree on the outcome and state.
+            if let Ok(general) = general {
+                prop_assert_eq!(fast.map_err(|_| ()), general.map_err(|_| ()));
+                prop_assert_eq!(r1, r2);
+                for f in crate::vmcs::ALL_FIELDS {
+                    prop_assert_eq!(v1.read(*f), v2.read(*f));
+                }
+            }
+        }
     }
 }
 

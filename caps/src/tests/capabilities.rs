@@ -69,6 +69,7 @@ fn object_kind_codes_are_stable_and_nonzero() {
         (ObjectKind::Memory, 5),
         (ObjectKind::Vcpu, 6),
         (ObjectKind::Ept, 7),
+        (ObjectKind::IoPorts, 8),
     ];
     for (kind, code) in expected {
         assert_eq!(kind.code(), code);
@@ -76,7 +77,7 @@ fn object_kind_codes_are_stable_and_nonzero() {
         assert_ne!(kind.valid_rights(), 0);
     }
     assert_eq!(ObjectKind::from_code(0), None);
-    assert_eq!(ObjectKind::from_code(8), None);
+    assert_eq!(ObjectKind::from_code(9), None);
     assert_eq!(ObjectKind::from_code(255), None);
 }
 
@@ -614,6 +615,7 @@ fn lookup_kind<S: NodeStorage>(
         ObjectKind::Memory => typed!(Memory, MemoryRights),
         ObjectKind::Vcpu => typed!(Vcpu, VcpuRights),
         ObjectKind::Ept => typed!(Ept, EptRights),
+        ObjectKind::IoPorts => typed!(IoPorts, IoPortRights),
     }
 }
 

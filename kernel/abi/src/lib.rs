@@ -8,8 +8,8 @@
 pub mod elf;
 
 pub use caps::{
-    CapError, EndpointRights, EptRights, MemoryRights, NotificationRights, ObjectKind,
-    ProtectionDomainRights, ThreadRights, VcpuRights,
+    CapError, EndpointRights, EptRights, IoPortRights, MemoryRights, NotificationRights,
+    ObjectKind, ProtectionDomainRights, ThreadRights, VcpuRights,
 };
 
 /// System-call numbers, passed in RAX. Arguments go in RDI, RSI, RDX, R10, R8, R9; results come
@@ -58,6 +58,8 @@ pub enum Syscall {
     VcpuBind = 66,
     VcpuSetAffinity = 67,
     VmxCapability = 68,
+    IoPortMap = 70,
+    IoPortSplit = 71,
 }
 
 impl Syscall {
@@ -106,6 +108,8 @@ impl Syscall {
             66 => VcpuBind,
             67 => VcpuSetAffinity,
             68 => VmxCapability,
+            70 => IoPortMap,
+            71 => IoPortSplit,
             _ => return None,
         })
     }
@@ -321,6 +325,8 @@ pub const ROOT_STACK_PAGES: u64 = 16;
 /// Fixed selectors in the root task's capability space.
 pub const ROOT_PD: u64 = 0;
 pub const ROOT_THREAD: u64 = 1;
+/// Every I/O port (0 to 0xffff), rights USE | DELEGATE.
+pub const ROOT_IO_PORTS: u64 = 2;
 /// First selector of the memory capabilities (`BootInfo::memory`).
 pub const ROOT_FIRST_MEMORY: u64 = 16;
 

@@ -19,22 +19,65 @@ struct BenchScenario {
     metrics: &'static [Metric],
 }
 
-const SCENARIOS: &[BenchScenario] = &[BenchScenario {
-    scenario: "ipc-bench",
-    cpus: 1,
-    metrics: &[
-        Metric {
-            prefix: "ipc round trip: ",
-            name: "ipc-bench: call+reply, two PDs, one CPU (median)",
-            at_most: Some(1000.0),
-        },
-        Metric {
-            prefix: "ipc round trip (same domain): ",
-            name: "ipc-bench: call+reply, one PD, one CPU (median)",
-            at_most: None,
-        },
-    ],
-}];
+const SCENARIOS: &[BenchScenario] = &[
+    BenchScenario {
+        scenario: "ipc-bench",
+        cpus: 1,
+        metrics: &[
+            Metric {
+                prefix: "null system call round trip: ",
+                name: "ipc-bench: null system call (CurrentCpu) round trip",
+                at_most: None,
+            },
+            Metric {
+                prefix: "ipc round trip: ",
+                name: "ipc-bench: call+reply, two PDs, one CPU (median)",
+                at_most: Some(1000.0),
+            },
+            Metric {
+                prefix: "ipc round trip (same domain): ",
+                name: "ipc-bench: call+reply, one PD, one CPU (median)",
+                at_most: None,
+            },
+        ],
+    },
+    BenchScenario {
+        scenario: "vmexit-bench",
+        cpus: 1,
+        metrics: &[
+            Metric {
+                prefix: "vmexit cpuid: ",
+                name: "vmexit-bench: CPUID exit through the user-level VMM (median)",
+                at_most: Some(2500.0),
+            },
+            Metric {
+                prefix: "vmexit cpuid vmm share: ",
+                name: "vmexit-bench: CPUID exit, VMM's share",
+                at_most: None,
+            },
+            Metric {
+                prefix: "vmexit cpuid kernel share: ",
+                name: "vmexit-bench: CPUID exit, kernel's share",
+                at_most: None,
+            },
+            Metric {
+                prefix: "vmexit ept fault: ",
+                name: "vmexit-bench: EPT-violation demand fault (median)",
+                at_most: Some(4000.0),
+            },
+            Metric {
+                prefix: "vmexit ept fault vmm share: ",
+                name: "vmexit-bench: demand fault, VMM's share (with EptMap)",
+                at_most: None,
+            },
+            Metric {
+                prefix: "vmexit ept fault kernel share: ",
+                name: "vmexit-bench: demand fault, kernel's share",
+                at_most: None,
+            },
+        ],
+    },
+];
 
 /// Parses the number after `prefix` on a console line ("... 412 cycles").
 fn value_after(line: &str, prefix: &str) -> Option<f64> {

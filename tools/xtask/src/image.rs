@@ -15,9 +15,11 @@ pub const TARGET_BINARIES: &[(&str, &str, &str)] = &[
     ("kernel", "capvisor", "."),
     // Linked at guest-physical 1 MiB: the workspace's static code fits.
     ("guest64", "guest64", "."),
+    ("l1hv", "l1hv", "."),
     ("roottask", "roottask", "userland"),
     ("echo", "echo", "userland"),
     ("vmm", "vmm", "userland"),
+    ("pager", "pager", "userland"),
 ];
 
 /// A boot module: the binary and the name given to it on the `module2` line.

@@ -49,6 +49,8 @@ pub fn cases() -> Vec<Case> {
         case("boot", Bochs, 1, false),
         case("boot", Bochs, 2, false),
         case("ipc", Bochs, 2, false),
+        case("guest", Bochs, 1, false),
+        case("guest", Bochs, 2, false),
     ]
 }
 

@@ -10,7 +10,7 @@
 use abi::Status;
 use rt::layout::CHILD_SERVICE_ENDPOINT as ENDPOINT;
 use rt::protocol::{
-    BENCH, ECHO, ECHO_RECEIVE_SLOT, ERROR, LAST_SUM, MAP_AND_SUM, READ_AGAIN, SUM_UTCB,
+    BENCH, ECHO, ECHO_RECEIVE_SLOT, ERROR, IO_PROBE, LAST_SUM, MAP_AND_SUM, READ_AGAIN, SUM_UTCB,
 };
 use rt::sys::{self, MapRights};
 use rt::{Mapping, Message, utcb};
@@ -31,6 +31,8 @@ enum Then {
     Receive,
     /// Reply first, then read the mapped page again (it may fault), then wait.
     ReadAgain,
+    /// Reply first, then read the I/O port (it faults without a grant), then wait.
+    IoProbe(u16),
 }
 
 fn main() {
@@ -65,6 +67,13 @@ fn main() {
                 if let Some(m) = &server.mapping {
                     server.last_sum = m.sum();
                 }
+                receive()
+            }
+            Then::IoProbe(port) => {
+                if let Err(e) = sys::reply(&answer) {
+                    log::warn!("reply failed: {e:?}");
+                }
+                server.last_sum = 0x100 | u64::from(rt::inb(port));
                 receive()
             }
         };
@@ -109,6 +118,13 @@ impl Server {
                 return (Message::new(READ_AGAIN, [vaddr, 0, 0, 0]), Then::ReadAgain);
             }
             LAST_SUM => Message::new(LAST_SUM, [self.last_sum, 0, 0, 0]),
+            IO_PROBE => {
+                let port = w[0] as u16;
+                return (
+                    Message::new(IO_PROBE, [u64::from(port), 0, 0, 0]),
+                    Then::IoProbe(port),
+                );
+            }
             other => error(other, Status::InvalidArgument),
         };
         (answer, Then::Receive)

@@ -5,10 +5,13 @@ use crate::memory::{self, Memory};
 use crate::spawn::{Child, spawn};
 use crate::{Context, Outcome, ensure, malformed};
 use abi::{
-    FAULT_KILL, FAULT_RESUME, LABEL_FAULT, MemoryRights, ObjectKind, ROOT_PD, Status, UTCB_WORDS,
+    FAULT_KILL, FAULT_RESUME, LABEL_FAULT, MemoryRights, ObjectKind, ROOT_IO_PORTS, ROOT_PD,
+    Status, UTCB_WORDS,
 };
 use alloc::vec::Vec;
-use rt::protocol::{ECHO, ECHO_RECEIVE_SLOT, LAST_SUM, MAP_AND_SUM, READ_AGAIN, SUM_UTCB};
+use rt::protocol::{
+    ECHO, ECHO_RECEIVE_SLOT, IO_PROBE, LAST_SUM, MAP_AND_SUM, READ_AGAIN, SUM_UTCB,
+};
 use rt::sys::{self, MapRights};
 use rt::{Message, Selector, utcb};
 
@@ -38,8 +41,66 @@ pub fn run(mem: &mut Memory) -> Outcome<()> {
     let echo2 = spawn(mem, "echo", fault)?;
     call_and_reply(&echo2)?;
     log::info!("second echo server: ok");
+    malformed::run(mem, &echo2)?;
 
-    malformed::run(mem, &echo2)
+    // I/O ports, on a third server (the test kills it at the end).
+    let echo3 = spawn(mem, "echo", fault)?;
+    io_ports(mem, &echo3, fault)?;
+    log::info!("I/O ports: denied without a grant, allowed with one, denied after revocation: ok");
+    Ok(())
+}
+
+/// I/O-port space: the server's read of a port faults (#GP) until the root task grants the
+/// port to its PD, succeeds then, and faults again once the grant is revoked.
+fn io_ports(mem: &mut Memory, echo: &Child, fault: Selector) -> Outcome<()> {
+    const PORT: u64 = 0x80;
+    const VECTOR_GP: u64 = 13;
+    let probe = |what: &str| -> Outcome<()> {
+        let reply = sys::call(echo.endpoint, &Message::new(IO_PROBE, [PORT, 0, 0, 0]))
+            .context("Call IO_PROBE")?;
+        ensure!(
+            reply.label() == IO_PROBE,
+            "IO_PROBE ({what}): label {:#x}",
+            reply.label()
+        );
+        Ok(())
+    };
+    let expect_gp = |what: &str| -> Outcome<()> {
+        let msg = sys::recv(fault).context("Recv on the fault endpoint")?;
+        let [vector, ..] = msg.words;
+        ensure!(
+            msg.label() == LABEL_FAULT && vector == VECTOR_GP,
+            "{what}: expected #GP (13) on the fault endpoint, got label {:#x} words {:x?}",
+            msg.label(),
+            msg.words
+        );
+        Ok(())
+    };
+    let last = || -> Outcome<u64> {
+        let r = sys::call(echo.endpoint, &Message::new(LAST_SUM, [0; 4])).context("LAST_SUM")?;
+        Ok(r.words[0])
+    };
+    // 1. No grant: #GP, reported to the handler; the handler grants the port and resumes.
+    probe("without a grant")?;
+    expect_gp("IN without a grant")?;
+    let grant = mem.slot()?;
+    sys::io_port_split(ROOT_IO_PORTS, PORT, 1, grant).context("IoPortSplit")?;
+    sys::io_port_map(grant, echo.pd, PORT, 1).context("IoPortMap")?;
+    sys::reply(&Message::new(FAULT_RESUME, [0; 4])).context("Reply FAULT_RESUME")?;
+    ensure!(last()? & 0x100 != 0, "the resumed IN did not complete");
+    // 2. With the grant: no fault at all.
+    probe("with a grant")?;
+    ensure!(last()? & 0x100 != 0, "IN with a grant did not complete");
+    // 3. Revoked (the split capability's children go, the grant with them): #GP again.
+    let removed = sys::cap_revoke(grant).context("CapRevoke of the port grant")?;
+    ensure!(
+        removed == 1,
+        "revoking the port capability removed {removed}, expected 1"
+    );
+    probe("after revocation")?;
+    expect_gp("IN after revocation")?;
+    sys::reply(&Message::new(FAULT_KILL, [0; 4])).context("Reply FAULT_KILL")?;
+    Ok(())
 }
 
 /// ECHO: the server returns each word + 1 under the same label.

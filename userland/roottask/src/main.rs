@@ -11,6 +11,7 @@
 extern crate alloc;
 
 mod bench;
+mod guest;
 mod ipc;
 mod malformed;
 mod memory;
@@ -69,6 +70,7 @@ fn main() {
     let outcome = memory::Memory::new(boot).and_then(|mut mem| match scenario {
         "ipc" => ipc::run(&mut mem),
         "ipc-bench" => bench::run(&mut mem),
+        "guest" | "vmexit-bench" => guest::run(&mut mem, scenario),
         other => Err(format!("the root task has no scenario '{other}'")),
     });
     verdict(scenario, outcome)

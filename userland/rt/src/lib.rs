@@ -10,7 +10,9 @@
 //! - [`sys`]: one typed wrapper per system call of `docs/abi.md`, and [`Message`];
 //! - [`utcb`], [`Mapping`], [`boot_info`]: the memory the runtime reaches by address;
 //! - [`elf`]: the program loader's parser; [`layout`]: the agreed addresses and slots;
-//! - [`protocol`]: the echo server's labels.
+//! - [`protocol`]: the echo server's labels;
+//! - [`nested`]: what the nested VMM and the L0 pager share (`EptRead`/`EptWrite`, `EptMap`
+//!   flags in `ept` types, the leaves of an EPT object, the pager's protocol).
 //!
 //! Only `syscall` (the assembly) and `raw` (memory by address) contain `unsafe`.
 #![cfg_attr(not(test), no_std)]
@@ -21,6 +23,7 @@ extern crate alloc;
 pub mod console;
 pub mod elf;
 pub mod layout;
+pub mod nested;
 pub mod protocol;
 #[allow(unsafe_code)]
 mod raw;
@@ -28,6 +31,7 @@ mod runtime;
 pub mod sys;
 #[allow(unsafe_code)]
 mod syscall;
+pub use syscall::inb;
 pub mod vmx;
 
 pub use layout::Role;

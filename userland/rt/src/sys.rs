@@ -305,6 +305,17 @@ pub fn mem_unmap(pd: Selector, vaddr: u64, order: u64) -> Result<()> {
     invoke(Syscall::MemUnmap, [pd, vaddr, order, 0, 0, 0]).map(|_| ())
 }
 
+/// `IoPortMap`: lets `pd`'s threads use ports `[first, first + count)` of `ports` (USE).
+pub fn io_port_map(ports: Selector, pd: Selector, first: u64, count: u64) -> Result<()> {
+    invoke(Syscall::IoPortMap, [ports, pd, first, count, 0, 0]).map(|_| ())
+}
+
+/// `IoPortSplit`: a new I/O-port object for `[first, first + count)` of `ports` (DELEGATE), a
+/// child of `ports`, in slot `dest`.
+pub fn io_port_split(ports: Selector, first: u64, count: u64, dest: Selector) -> Result<()> {
+    invoke(Syscall::IoPortSplit, [ports, first, count, dest, 0, 0]).map(|_| ())
+}
+
 /// `MemSplit`: a new memory object for the `2^order` pages of `memory` (DELEGATE) from page
 /// `offset`, a child of `memory`, in slot `dest`.
 pub fn mem_split(memory: Selector, offset: u64, order: u64, dest: Selector) -> Result<()> {

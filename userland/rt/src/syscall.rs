@@ -47,6 +47,17 @@ pub fn syscall(number: u64, args: [u64; 6]) -> Returned {
 
 /// Reads the time-stamp counter after earlier instructions completed (`LFENCE; RDTSC`).
 #[inline(always)]
+/// IN from an I/O port (a byte). Faults with #GP unless the PD was granted the port.
+pub fn inb(port: u16) -> u8 {
+    let value: u8;
+    // SAFETY: IN only reads a device register; without a grant the CPU raises #GP, which the
+    // kernel turns into a fault message to the thread's handler.
+    unsafe {
+        asm!("in al, dx", in("dx") port, out("al") value, options(nomem, nostack, preserves_flags))
+    };
+    value
+}
+
 pub fn rdtsc() -> u64 {
     let low: u32;
     let high: u32;

@@ -8,15 +8,19 @@
 //! - exits: [`exit_recv`], [`exit_reply_recv`] and [`exit_reply`] receive an exit as an
 //!   [`ExitCall`] (with the badge, which [`crate::sys`]'s IPC wrappers drop) and answer it with an
 //!   [`ExitReply`]; [`read_exit_message`] and [`write_reply`] move the `vcpu::message` images
-//!   through the UTCB, touching only the words of the groups the mask names;
+//!   through the UTCB, touching only the words of the groups the mask names; on a VMM's hot
+//!   path, [`ExitHeader`], [`read_gprs_from`] and [`write_gprs_reply_to`] move only the header
+//!   and the general-purpose registers, through any [`MessageWords`] (a faster UTCB access);
 //! - [`protocol`]: the root task's slots and labels for the VMM server.
 
 use crate::sys::{Message, Result, Selector, status_of};
 use crate::syscall::syscall;
 use crate::utcb;
 use abi::{LABEL_RECALL, LABEL_VM_EXIT, MessageInfo, Status, Syscall};
+use vcpu::exit::RawExit;
 use vcpu::message::{
-    DecodeError, EXIT_MESSAGE_WORDS, ExitMessage, REPLY_WORDS, Reply, StateMask, word,
+    DecodeError, EXIT_MESSAGE_WORDS, ExitMessage, Gprs, REPLY_WORDS, Reply, ResumeAction,
+    StateMask, word,
 };
 
 #[inline(always)]
@@ -49,18 +53,10 @@ pub fn ept_reclaim(ept: Selector, first_dest: Selector, most: u64) -> Result<u64
     invoke(Syscall::EptReclaim, [ept, first_dest, most, 0, 0, 0]).map(|r| r[0])
 }
 
-/// What `EptMap` mapped: the order, the rights (bit 0 R, 1 W, 2 X) and the EPT memory type,
-/// after the kernel's clamping.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct EptMapped {
-    pub order: u64,
-    pub rights: u64,
-    pub memtype: u64,
-}
-
 /// `EptMap`: maps into `ept` (MAP) at `gpa` the page(s) of `source` at `source_offset`: pages of
 /// a memory capability, or the guest-physical address in another EPT object (MAP_SOURCE).
-/// `flags` come from `abi::ept_map_flags`.
+/// `flags` come from `abi::ept_map_flags`. Returns what was mapped after the kernel's clamping:
+/// (order, rights: bit 0 R, 1 W, 2 X, EPT memory type).
 #[inline(always)]
 pub fn ept_map(
     ept: Selector,
@@ -68,12 +64,8 @@ pub fn ept_map(
     source_offset: u64,
     gpa: u64,
     flags: u64,
-) -> Result<EptMapped> {
-    invoke(Syscall::EptMap, [ept, source, source_offset, gpa, flags, 0]).map(|r| EptMapped {
-        order: r[0],
-        rights: r[1],
-        memtype: r[2],
-    })
+) -> Result<(u64, u64, u64)> {
+    invoke(Syscall::EptMap, [ept, source, source_offset, gpa, flags, 0]).map(|r| (r[0], r[1], r[2]))
 }
 
 /// `EptUnmap`: removes the `2^order`-page entry at `gpa` from `ept` (UNMAP); returns how many
@@ -240,7 +232,7 @@ pub fn exit_reply(reply: ExitReply) -> Result<()> {
 
 /// First word and length of each state group in the encoded guest state (`vcpu::message`).
 const GROUPS: [(StateMask, usize, usize); 15] = [
-    (StateMask::GPRS, word::GPRS, 15),
+    (StateMask::GPRS, word::GPRS, GPRS_WORDS),
     (StateMask::RIP_RSP_RFLAGS, word::RIP_RSP_RFLAGS, 3),
     (StateMask::CR, word::CR, 4),
     (StateMask::DR7, word::DR7, 1),
@@ -269,32 +261,65 @@ const RESERVED_HIGH: [usize; 3] = [
     word::PREEMPTION_TIMER,
 ];
 
+/// Words of the general-purpose registers group.
+const GPRS_WORDS: usize = 15;
 /// Header words of an exit message before the guest state.
-const EXIT_HEADER_WORDS: usize = EXIT_MESSAGE_WORDS - vcpu::message::GUEST_STATE_WORDS;
+pub const EXIT_HEADER_WORDS: usize = EXIT_MESSAGE_WORDS - vcpu::message::GUEST_STATE_WORDS;
 /// Header words of a reply before the guest state.
-const REPLY_HEADER_WORDS: usize = REPLY_WORDS - vcpu::message::GUEST_STATE_WORDS;
+pub const REPLY_HEADER_WORDS: usize = REPLY_WORDS - vcpu::message::GUEST_STATE_WORDS;
+
+/// Bulk access to the extra message words of the caller's UTCB (`abi::Utcb::words`): the
+/// exit-message and reply images travel there. [`Utcb`] goes through [`crate::utcb`]; a program
+/// with a faster way to its own UTCB (a VMM on its hot path) passes its own.
+pub trait MessageWords {
+    /// Copies words `first..first + out.len()` into `out`.
+    fn read(&mut self, first: usize, out: &mut [u64]);
+    /// Copies `words` to words `first..first + words.len()`.
+    fn write(&mut self, first: usize, words: &[u64]);
+}
+
+/// The main thread's UTCB through [`crate::utcb`], one checked word at a time.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Utcb;
+
+impl MessageWords for Utcb {
+    fn read(&mut self, first: usize, out: &mut [u64]) {
+        for (i, w) in out.iter_mut().enumerate() {
+            *w = utcb::word(first + i);
+        }
+    }
+
+    fn write(&mut self, first: usize, words: &[u64]) {
+        for (i, w) in words.iter().enumerate() {
+            utcb::set_word(first + i, *w);
+        }
+    }
+}
 
 /// Reads the exit message a VM exit left in the UTCB. Only the words the message's mask (its
 /// word 0) makes meaningful are read: the exit reason, the exit information with `EXIT_INFO`,
 /// and the named groups; the others decode as zero.
-#[inline]
 pub fn read_exit_message() -> core::result::Result<ExitMessage, DecodeError> {
+    read_exit_message_from(&mut Utcb)
+}
+
+/// [`read_exit_message`] through `source`.
+#[inline]
+pub fn read_exit_message_from(
+    source: &mut impl MessageWords,
+) -> core::result::Result<ExitMessage, DecodeError> {
     let mut words = [0u64; EXIT_MESSAGE_WORDS];
-    words[0] = utcb::word(0);
+    source.read(0, &mut words[..1]);
     let mask = StateMask::from_bits_truncate(words[0] as u32);
     if mask.contains(StateMask::EXIT_INFO) {
-        for (i, w) in words[1..EXIT_HEADER_WORDS].iter_mut().enumerate() {
-            *w = utcb::word(1 + i);
-        }
+        source.read(1, &mut words[1..EXIT_HEADER_WORDS]);
     } else {
-        words[1] = utcb::word(1);
+        source.read(1, &mut words[1..2]);
     }
     for (group, first, len) in GROUPS {
         if mask.contains(group) {
             let at = EXIT_HEADER_WORDS + first;
-            for (i, w) in words[at..at + len].iter_mut().enumerate() {
-                *w = utcb::word(at + i);
-            }
+            source.read(at, &mut words[at..at + len]);
         }
     }
     ExitMessage::from_words(&words)
@@ -303,21 +328,163 @@ pub fn read_exit_message() -> core::result::Result<ExitMessage, DecodeError> {
 /// Writes `reply` into the UTCB for an [`ExitReply::Written`] answer: the header, the groups
 /// of its mask and the words with reserved halves (the kernel ignores the other groups' words).
 /// Returns the answer to pass on.
-#[inline]
 pub fn write_reply(reply: &Reply) -> ExitReply {
+    write_reply_to(&mut Utcb, reply)
+}
+
+/// [`write_reply`] through `destination`.
+#[inline]
+pub fn write_reply_to(destination: &mut impl MessageWords, reply: &Reply) -> ExitReply {
     let words = reply.to_words();
-    utcb::set_word(0, words[0]);
-    utcb::set_word(1, words[1]);
+    destination.write(0, &words[..REPLY_HEADER_WORDS]);
     for (group, first, len) in GROUPS {
         if reply.mask.contains(group) {
             let at = REPLY_HEADER_WORDS + first;
-            for (i, w) in words[at..at + len].iter().enumerate() {
-                utcb::set_word(at + i, *w);
-            }
+            destination.write(at, &words[at..at + len]);
         }
     }
     for at in RESERVED_HIGH {
-        utcb::set_word(REPLY_HEADER_WORDS + at, words[REPLY_HEADER_WORDS + at]);
+        let at = REPLY_HEADER_WORDS + at;
+        destination.write(at, &words[at..at + 1]);
+    }
+    ExitReply::Written
+}
+
+// ---- The hot path: the header and the general-purpose registers only ----
+
+/// An exit message's header (words 0 to 7): the groups it carries and the exit information,
+/// decoded without the guest state, for the exits a VMM answers often (CPUID, EPT violations).
+/// The words are those of the `vcpu::message` table; the tests check them against
+/// `ExitMessage::to_words`. Decode the exit with `vcpu::exit::decode(&header.exit)`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ExitHeader {
+    pub mask: StateMask,
+    pub exit: RawExit,
+}
+
+impl ExitHeader {
+    /// Decodes the header words; fails as `ExitMessage::from_words` would on them.
+    pub fn from_words(words: &[u64; EXIT_HEADER_WORDS]) -> core::result::Result<Self, DecodeError> {
+        let low = |at: usize| words[at] as u32;
+        let high = |at: usize| (words[at] >> 32) as u32;
+        let mask = StateMask::from_bits(low(0))
+            .filter(|_| high(0) == 0)
+            .ok_or(DecodeError { word: 0 })?;
+        if high(7) != 0 {
+            return Err(DecodeError { word: 7 });
+        }
+        let exit = RawExit {
+            reason: low(1),
+            instruction_length: high(1),
+            qualification: words[2],
+            guest_linear_address: words[3],
+            guest_physical_address: words[4],
+            instruction_information: low(5),
+            interruption_information: high(5),
+            interruption_error_code: low(6),
+            idt_vectoring_information: high(6),
+            idt_vectoring_error_code: low(7),
+        };
+        Ok(Self { mask, exit })
+    }
+
+    /// Reads and decodes the header of the exit message in the UTCB.
+    #[inline]
+    pub fn read_from(source: &mut impl MessageWords) -> core::result::Result<Self, DecodeError> {
+        let mut words = [0u64; EXIT_HEADER_WORDS];
+        source.read(0, &mut words);
+        Self::from_words(&words)
+    }
+}
+
+/// The general-purpose registers of the exit message in the UTCB (meaningful if its mask has
+/// `GPRS`).
+#[inline]
+pub fn read_gprs_from(source: &mut impl MessageWords) -> Gprs {
+    let mut w = [0u64; GPRS_WORDS];
+    source.read(EXIT_HEADER_WORDS + word::GPRS, &mut w);
+    let [
+        rax,
+        rcx,
+        rdx,
+        rbx,
+        rbp,
+        rsi,
+        rdi,
+        r8,
+        r9,
+        r10,
+        r11,
+        r12,
+        r13,
+        r14,
+        r15,
+    ] = w;
+    Gprs {
+        rax,
+        rcx,
+        rdx,
+        rbx,
+        rbp,
+        rsi,
+        rdi,
+        r8,
+        r9,
+        r10,
+        r11,
+        r12,
+        r13,
+        r14,
+        r15,
+    }
+}
+
+/// The first words of a reply that writes `gprs` (if any) and takes `action`: the same words
+/// `Reply::to_words` gives for them (the tests check it).
+pub fn gprs_reply_words(
+    action: ResumeAction,
+    gprs: Option<&Gprs>,
+) -> [u64; REPLY_HEADER_WORDS + GPRS_WORDS] {
+    let (code, argument) = match action {
+        ResumeAction::Resume => (0, 0),
+        ResumeAction::Advance => (1, 0),
+        ResumeAction::ResumeWithEptBinding(selector) => (2, selector),
+        ResumeAction::Stop => (3, 0),
+    };
+    let mask = if gprs.is_some() {
+        StateMask::GPRS
+    } else {
+        StateMask::empty()
+    };
+    let mut words = [0; REPLY_HEADER_WORDS + GPRS_WORDS];
+    words[0] = u64::from(mask.bits()) | (code << 32);
+    words[1] = argument;
+    if let Some(g) = gprs {
+        words[REPLY_HEADER_WORDS..].copy_from_slice(&[
+            g.rax, g.rcx, g.rdx, g.rbx, g.rbp, g.rsi, g.rdi, g.r8, g.r9, g.r10, g.r11, g.r12,
+            g.r13, g.r14, g.r15,
+        ]);
+    }
+    words
+}
+
+/// Writes a reply that sets the general-purpose registers to `gprs` (if any) and takes
+/// `action`, touching only its header, the registers and the words with reserved halves.
+#[inline]
+pub fn write_gprs_reply_to(
+    destination: &mut impl MessageWords,
+    action: ResumeAction,
+    gprs: Option<&Gprs>,
+) -> ExitReply {
+    let words = gprs_reply_words(action, gprs);
+    let n = if gprs.is_some() {
+        words.len()
+    } else {
+        REPLY_HEADER_WORDS
+    };
+    destination.write(0, &words[..n]);
+    for at in RESERVED_HIGH {
+        destination.write(REPLY_HEADER_WORDS + at, &[0]);
     }
     ExitReply::Written
 }
@@ -371,7 +538,7 @@ pub mod protocol {
     pub const MAX_VCPUS: u64 = 8;
 
     /// Extra report words.
-    pub const REPORT_WORDS: usize = 12;
+    pub const REPORT_WORDS: usize = 13;
     /// Exits handled.
     pub const R_EXITS: usize = 0;
     /// EPT violations answered with a fresh page.
@@ -394,6 +561,8 @@ pub mod protocol {
     pub const R_VMM_EPT_FAULT: usize = 10;
     /// Guest RAM pages used.
     pub const R_PAGES: usize = 11;
+    /// Of the VMM's share of a demand fault, the `EptMap` call (median).
+    pub const R_VMM_EPT_MAP: usize = 12;
 
     /// What the guest is asked to do (RUN word 2; the guest gets it in RSI bits 15:8).
     #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -405,6 +574,9 @@ pub mod protocol {
         TripleFault = 1,
         /// The exit benchmarks; results on the result port.
         Bench = 2,
+        /// The VMM writes an invalid guest state on purpose (CR0.PG without CR0.PE): VM entry
+        /// fails (exit reason 33 with bit 31) before the guest runs.
+        InvalidState = 3,
     }
 
     impl Mode {
@@ -413,6 +585,7 @@ pub mod protocol {
                 0 => Some(Self::Checks),
                 1 => Some(Self::TripleFault),
                 2 => Some(Self::Bench),
+                3 => Some(Self::InvalidState),
                 _ => None,
             }
         }
@@ -430,7 +603,8 @@ pub mod protocol {
         TripleFault = 2,
         /// VM entry failed (detail: vCPU << 32 | exit reason with bit 31).
         EntryFailure = 3,
-        /// An exit the VMM does not handle (detail: vCPU << 32 | basic exit reason).
+        /// An exit the VMM does not handle (detail: vCPU << 32 | basic exit reason), or an
+        /// access outside guest memory (detail: the guest-physical address).
         Unhandled = 4,
         /// The VMM failed (detail: the status code).
         VmmError = 5,
@@ -490,7 +664,7 @@ pub mod protocol {
         pub const TSS_SELECTOR: u16 = 0x18;
         /// The timer interrupt's vector.
         pub const TIMER_VECTOR: u8 = 0x20;
-        /// Every u64 of a demand-paged page holds its guest-physical address XOR this.
+        /// Every u64 of a demand-paged page holds the page's guest-physical address XOR this.
         pub const PATTERN: u64 = 0x5a5a_5a5a_0000_0000;
         /// CPUID leaf with the hypervisor's signature: EBX, ECX, EDX = "capv", "isor", 0.
         pub const SIGNATURE_LEAF: u32 = 0x4000_0000;
@@ -499,5 +673,108 @@ pub mod protocol {
             u32::from_le_bytes(*b"isor"),
             0,
         ];
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vcpu::message::GuestState;
+
+    /// A deterministic stream of arbitrary words (xorshift64*).
+    struct Words(u64);
+
+    impl Words {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 >> 12;
+            self.0 ^= self.0 << 25;
+            self.0 ^= self.0 >> 27;
+            self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+        }
+    }
+
+    #[test]
+    fn exit_header_decodes_the_header_words_exit_message_encodes() {
+        let mut w = Words(0x1234_5678_9abc_def1);
+        for _ in 0..1000 {
+            let message = ExitMessage {
+                mask: StateMask::from_bits_truncate(w.next() as u32),
+                exit: RawExit {
+                    reason: w.next() as u32,
+                    instruction_length: w.next() as u32,
+                    qualification: w.next(),
+                    guest_linear_address: w.next(),
+                    guest_physical_address: w.next(),
+                    instruction_information: w.next() as u32,
+                    interruption_information: w.next() as u32,
+                    interruption_error_code: w.next() as u32,
+                    idt_vectoring_information: w.next() as u32,
+                    idt_vectoring_error_code: w.next() as u32,
+                },
+                state: GuestState::default(),
+            };
+            let words = message.to_words();
+            let header: &[u64; EXIT_HEADER_WORDS] = words[..EXIT_HEADER_WORDS].try_into().unwrap();
+            let decoded = ExitHeader::from_words(header).unwrap();
+            assert_eq!((decoded.mask, decoded.exit), (message.mask, message.exit));
+        }
+    }
+
+    #[test]
+    fn exit_header_refuses_what_exit_message_refuses() {
+        let mut w = Words(0x0fed_cba9_8765_4321);
+        for _ in 0..1000 {
+            let mut words = [0u64; EXIT_MESSAGE_WORDS];
+            for word in &mut words[..EXIT_HEADER_WORDS] {
+                *word = w.next()
+                    & if w.next() & 1 == 0 {
+                        0xffff_ffff
+                    } else {
+                        u64::MAX
+                    };
+            }
+            let header: &[u64; EXIT_HEADER_WORDS] = words[..EXIT_HEADER_WORDS].try_into().unwrap();
+            assert_eq!(
+                ExitHeader::from_words(header).map(|h| (h.mask, h.exit)),
+                ExitMessage::from_words(&words).map(|m| (m.mask, m.exit))
+            );
+        }
+    }
+
+    #[test]
+    fn gprs_reply_words_are_the_first_words_of_the_reply() {
+        let mut w = Words(0x5555_aaaa_3333_cccc);
+        for action in [
+            ResumeAction::Resume,
+            ResumeAction::Advance,
+            ResumeAction::ResumeWithEptBinding(42),
+            ResumeAction::Stop,
+        ] {
+            let state = GuestState {
+                gprs: read_gprs_from(&mut Arbitrary(&mut w)),
+                ..GuestState::default()
+            };
+            let reply = Reply::with_state(action, StateMask::GPRS, state).to_words();
+            let ours = gprs_reply_words(action, Some(&state.gprs));
+            assert_eq!(ours[..], reply[..ours.len()]);
+            let empty = Reply::new(action).to_words();
+            assert_eq!(
+                gprs_reply_words(action, None)[..REPLY_HEADER_WORDS],
+                empty[..2]
+            );
+        }
+    }
+
+    /// A message-word source of arbitrary words.
+    struct Arbitrary<'a>(&'a mut Words);
+
+    impl MessageWords for Arbitrary<'_> {
+        fn read(&mut self, _first: usize, out: &mut [u64]) {
+            for w in out {
+                *w = self.0.next();
+            }
+        }
+
+        fn write(&mut self, _first: usize, _words: &[u64]) {}
     }
 }

@@ -20,7 +20,12 @@ const HYPERVISOR_MAX_LEAF: u32 = SIGNATURE_LEAF;
 #[inline]
 pub fn cpuid(leaf: u32, subleaf: u32, index: u32) -> [u32; 4] {
     match leaf {
-        SIGNATURE_LEAF => [HYPERVISOR_MAX_LEAF, SIGNATURE[0], SIGNATURE[1], SIGNATURE[2]],
+        SIGNATURE_LEAF => [
+            HYPERVISOR_MAX_LEAF,
+            SIGNATURE[0],
+            SIGNATURE[1],
+            SIGNATURE[2],
+        ],
         0x4000_0001..=0x4fff_ffff => [0; 4],
         1 => {
             let [a, b, c, d] = memory::cpuid(1, subleaf);

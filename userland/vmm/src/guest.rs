@@ -1,12 +1,16 @@
-//! One guest: its construction (EPT, vCPUs, page tables, GDT, initial 64-bit state), its exit
-//! loop and its teardown.
+//! One guest: its construction (EPT, protection domain, vCPUs, page tables, GDT, initial 64-bit
+//! state), its exit loop and its teardown.
+//!
+//! The EPT object's pool is a piece of `protocol::POOL` (more pieces are donated when a map
+//! runs out); the vCPUs belong to a protection domain of the guest's own, bound to the EPT and
+//! to the VMM's exit endpoint, with badge `guest number << 8 | vCPU index`.
 //!
 //! Guest-physical layout (`rt::vmx::protocol::layout`): a system page at 0x1000 (GDT, TSS,
 //! per-vCPU blocks the GS bases point to), identity page tables for 0 to 4 GiB with 2 MiB pages
 //! at 0x2000, the vCPU stacks from 0x10000, the image at its link address (1 MiB). These are
 //! mapped before the first entry; the image is loaded page by page as the guest touches it, and
-//! every other page from 1 MiB to 4 GiB is demand-paged: a fresh page whose every u64 holds its
-//! guest-physical address XOR `PATTERN`.
+//! every other page from 1 MiB to 4 GiB is demand-paged: a fresh page whose every u64 holds the
+//! page's guest-physical address XOR `PATTERN`.
 //!
 //! Every exit is decoded once, with `vcpu::exit::decode`, and handled by kind. A triple fault, a
 //! failed VM entry, an unhandled exit or a bad access ends the guest: the exiting vCPU is told to
@@ -14,7 +18,7 @@
 //! root task. Nothing else is affected.
 
 use crate::devices::{self, SerialLine, msr};
-use crate::memory::{Image, Ram};
+use crate::memory::{FastUtcb, Image, Ram};
 use crate::slot;
 use abi::elf::Executable;
 use abi::{ALL_EXITS, Status, ept_map_flags, vcpu_config};
@@ -22,11 +26,13 @@ use alloc::vec::Vec;
 use core::fmt;
 use rt::layout::{PAGE_SIZE, SELF_PD};
 use rt::vmx::protocol::{self, Mode, Outcome, layout, port};
-use rt::vmx::{self, ExitCall, ExitReply};
+use rt::vmx::{self, ExitCall, ExitHeader, ExitReply};
 use rt::{Message, sys};
 use vcpu::controls::{EntryControls, ProcessorBasedControls};
-use vcpu::exit::{EventInfo, EventType, ExitReason, IoDirection, VmExit, decode, vector};
-use vcpu::message::{DescriptorTable, ExitMessage, GuestState, Reply, ResumeAction, Segment, StateMask};
+use vcpu::exit::{EventInfo, EventType, ExitReason, IoDirection, RawExit, VmExit, decode, vector};
+use vcpu::message::{
+    DecodeError, DescriptorTable, ExitMessage, GuestState, Reply, ResumeAction, Segment, StateMask,
+};
 
 /// Priority of every vCPU: below the VMM's (`roottask`'s `spawn::PRIORITY`, 100), so an exit
 /// from another CPU preempts a vCPU running on the VMM's CPU.
@@ -38,7 +44,8 @@ const POOL_PIECE_ORDER: u64 = 5;
 
 /// CR0 (SDM Vol. 3A §2.5): PE, MP, ET, NE, PG. NE, PE and PG are also what IA32_VMX_CR0_FIXED0
 /// requires of a guest without unrestricted guest.
-const CR0: u64 = (1 << 0) | (1 << 1) | (1 << 4) | (1 << 5) | (1 << 31);
+const CR0: u64 = CR0_PE | (1 << 1) | (1 << 4) | (1 << 5) | (1 << 31);
+const CR0_PE: u64 = 1 << 0;
 /// CR4: PAE, OSFXSR, OSXMMEXCPT (so the guest may use SSE).
 const CR4: u64 = (1 << 5) | (1 << 9) | (1 << 10);
 /// CR4.VMXE: IA32_VMX_CR4_FIXED0 requires it of every guest (SDM Vol. 3C §27.3.1.1); the VMM
@@ -185,12 +192,15 @@ pub struct Guest {
     image_pages: (u64, u64),
     vcpus: Vec<Vcpu>,
     ept_created: bool,
+    pd_created: bool,
     /// Set once the guest is ending: how and the detail.
     outcome: Option<(Outcome, u64)>,
     stats: [u64; protocol::REPORT_WORDS],
     results: Vec<u64>,
     cpuid_samples: Vec<u64>,
     fault_samples: Vec<u64>,
+    /// The `EptMap` calls of demand faults.
+    map_samples: Vec<u64>,
 }
 
 impl Guest {
@@ -220,11 +230,13 @@ impl Guest {
             image_pages,
             vcpus: Vec::new(),
             ept_created: false,
+            pd_created: false,
             outcome: None,
             stats: [0; protocol::REPORT_WORDS],
             results: Vec::new(),
             cpuid_samples: Vec::new(),
             fault_samples: Vec::new(),
+            map_samples: Vec::new(),
         };
         guest.stats[protocol::R_MIGRATED_FROM] = u64::MAX;
         guest.stats[protocol::R_MIGRATED_TO] = u64::MAX;
@@ -242,6 +254,8 @@ impl Guest {
         vmx::ept_create(SELF_PD, slot::EPT, slot::POOL_PIECE)?;
         self.ept_created = true;
         self.map_system_pages(ram, pool)?;
+        sys::pd_create(SELF_PD, slot::GUEST_PD)?;
+        self.pd_created = true;
         for index in 0..self.request.vcpus as u32 {
             self.create_vcpu(index)?;
         }
@@ -271,7 +285,9 @@ impl Guest {
             let pd = self.new_page(ram, pool, pd_gpa)?;
             ram.write_word(pdpt, gib as usize, pd_gpa | 0b11);
             // Present, writable, 2 MiB page (PS).
-            ram.fill(pd, ((gib * 512) << 21) | 0x83, 1 << 21);
+            for entry in 0..512 {
+                ram.write_word(pd, entry as usize, ((gib * 512 + entry) << 21) | 0x83);
+            }
         }
         let stack_pages = self.request.vcpus * layout::STACK_SIZE / PAGE_SIZE;
         for i in 0..stack_pages {
@@ -283,7 +299,7 @@ impl Guest {
     /// A zeroed page of RAM mapped at `gpa`.
     fn new_page(&mut self, ram: &mut Ram, pool: &mut u64, gpa: u64) -> Result<u64, Status> {
         let page = ram.alloc().ok_or(Status::OutOfMemory)?;
-        ram.fill(page, 0, 0);
+        ram.fill(page, 0);
         map_page(ram, pool, page, gpa)?;
         Ok(page)
     }
@@ -293,7 +309,7 @@ impl Guest {
         let cpu = u64::from(index) % self.request.cpus;
         let badge = ((self.number as u32) << 8) | index;
         vmx::vcpu_create(
-            SELF_PD,
+            slot::GUEST_PD,
             selector,
             slot::EPT,
             slot::EXIT_ENDPOINT,
@@ -325,7 +341,11 @@ impl Guest {
         s.rip = self.executable.entry;
         s.rsp = layout::STACKS + (index64 + 1) * layout::STACK_SIZE;
         s.rflags = RFLAGS_RESERVED;
-        s.cr0 = CR0;
+        s.cr0 = match self.request.mode {
+            // Paging without protection: VM entry refuses it (SDM Vol. 3C §27.3.1.1).
+            Mode::InvalidState => CR0 & !CR0_PE,
+            _ => CR0,
+        };
         s.cr3 = layout::PML4;
         s.cr4 = CR4 | CR4_VMXE;
         s.dr7 = 0x400;
@@ -361,7 +381,8 @@ impl Guest {
         s.pat = PAT_DEFAULT;
         let mut c = current.state.controls;
         c.entry |= EntryControls::IA32E_MODE_GUEST;
-        c.primary |= ProcessorBasedControls::HLT_EXITING | ProcessorBasedControls::USE_TSC_OFFSETTING;
+        c.primary |=
+            ProcessorBasedControls::HLT_EXITING | ProcessorBasedControls::USE_TSC_OFFSETTING;
         c.primary -= ProcessorBasedControls::RDTSC_EXITING;
         c.cr4_guest_host_mask |= CR4_VMXE;
         c.cr4_read_shadow = CR4;
@@ -430,7 +451,7 @@ impl Guest {
                     log::error!("guest{}: reply refused: {e:?}", self.number);
                     self.set_outcome(Outcome::VmmError, e.code());
                     self.recall_running();
-                    let stop = vmx::write_reply(&Reply::new(ResumeAction::Stop));
+                    let stop = answer(&Reply::new(ResumeAction::Stop));
                     if let Some(v) = self.vcpu_of(&call) {
                         self.vcpus[v].running = false;
                     }
@@ -471,8 +492,12 @@ impl Guest {
     #[inline]
     fn handle(&mut self, call: &ExitCall, ram: &mut Ram, pool: &mut u64) -> (ExitReply, Sample) {
         let Some(v) = self.vcpu_of(call) else {
-            log::warn!("guest{}: exit with unknown badge {:#x}", self.number, call.badge);
-            return (vmx::write_reply(&Reply::new(ResumeAction::Stop)), Sample::None);
+            log::warn!(
+                "guest{}: exit with unknown badge {:#x}",
+                self.number,
+                call.badge
+            );
+            return (answer(&Reply::new(ResumeAction::Stop)), Sample::None);
         };
         if self.outcome.is_some() || !self.vcpus[v].running {
             // The guest is ending: every vCPU stops at its next exit (a recall or any other).
@@ -483,26 +508,36 @@ impl Guest {
         }
         let Some(reason) = call.exit_reason() else {
             log::error!("guest{}: call with label {:#x}", self.number, call.label());
-            return (self.end(v, Outcome::Unhandled, u64::from(call.label())), Sample::None);
+            return (
+                self.end(v, Outcome::Unhandled, u64::from(call.label())),
+                Sample::None,
+            );
         };
-        let msg = match vmx::read_exit_message() {
-            Ok(msg) => msg,
-            Err(e) => {
-                log::error!("guest{}: undecodable exit message (word {})", self.number, e.word);
-                return (self.end(v, Outcome::VmmError, Status::Inconsistent.code()), Sample::None);
-            }
+        let header = match ExitHeader::read_from(&mut FastUtcb) {
+            Ok(header) => header,
+            Err(e) => return self.undecodable(v, e),
         };
-        let exit = decode(&msg.exit);
+        let exit = decode(&header.exit);
+        // The frequent exits need the header and at most the general-purpose registers.
         match exit {
-            VmExit::Cpuid => (self.cpuid(v, &msg), Sample::Cpuid),
-            VmExit::EptViolation { gpa, .. } => self.ept_violation(v, gpa, &msg, ram, pool),
+            VmExit::Cpuid => return (self.cpuid(v), Sample::Cpuid),
+            VmExit::EptViolation { gpa, .. } => {
+                return self.ept_violation(v, gpa, &header.exit, ram, pool);
+            }
             VmExit::IoInstruction {
                 port,
                 size,
                 direction,
                 string: None,
                 ..
-            } => (self.io(v, port, size, direction, &msg), Sample::None),
+            } => return (self.io(v, port, size, direction), Sample::None),
+            _ => {}
+        }
+        let msg = match vmx::read_exit_message_from(&mut FastUtcb) {
+            Ok(msg) => msg,
+            Err(e) => return self.undecodable(v, e),
+        };
+        match exit {
             VmExit::Hlt => (self.hlt(v, &msg), Sample::None),
             VmExit::Rdmsr => (self.rdmsr(v, &msg), Sample::None),
             VmExit::Wrmsr => (self.wrmsr(v, &msg), Sample::None),
@@ -515,7 +550,7 @@ impl Guest {
                 // The kernel intercepts #DB and #AC for its own safety; they are the guest's.
                 let event = EventInfo::hardware_exception(vector, error_code);
                 (
-                    vmx::write_reply(&Reply::new(ResumeAction::Resume).inject(event, 0)),
+                    answer(&Reply::new(ResumeAction::Resume).inject(event, 0)),
                     Sample::None,
                 )
             }
@@ -550,6 +585,17 @@ impl Guest {
         }
     }
 
+    /// An exit message that does not decode: the kernel and the VMM disagree; the guest ends.
+    fn undecodable(&mut self, v: usize, e: DecodeError) -> (ExitReply, Sample) {
+        log::error!(
+            "guest{}: undecodable exit message (word {})",
+            self.number,
+            e.word
+        );
+        let reply = self.end(v, Outcome::VmmError, Status::Inconsistent.code());
+        (reply, Sample::None)
+    }
+
     fn set_outcome(&mut self, outcome: Outcome, detail: u64) {
         if self.outcome.is_none() {
             self.outcome = Some((outcome, detail));
@@ -560,7 +606,11 @@ impl Guest {
     fn recall_running(&self) {
         for vcpu in self.vcpus.iter().filter(|v| v.running) {
             if let Err(e) = vmx::vcpu_recall(vcpu.selector) {
-                log::warn!("guest{}: VcpuRecall of vcpu{}: {e:?}", self.number, vcpu.index);
+                log::warn!(
+                    "guest{}: VcpuRecall of vcpu{}: {e:?}",
+                    self.number,
+                    vcpu.index
+                );
             }
         }
     }
@@ -568,7 +618,7 @@ impl Guest {
     /// Stops vCPU `v` (the reply to its exit).
     fn stop(&mut self, v: usize) -> ExitReply {
         self.vcpus[v].running = false;
-        vmx::write_reply(&Reply::new(ResumeAction::Stop))
+        answer(&Reply::new(ResumeAction::Stop))
     }
 
     /// Ends the guest with `outcome`: stops vCPU `v` and recalls the others.
@@ -583,17 +633,12 @@ impl Guest {
 
     /// CPUID: the filtered values in RAX, RBX, RCX, RDX; then past the instruction.
     #[inline]
-    fn cpuid(&mut self, v: usize, msg: &ExitMessage) -> ExitReply {
+    fn cpuid(&mut self, v: usize) -> ExitReply {
         self.stats[protocol::R_CPUID_EXITS] += 1;
-        let mut state = msg.state;
-        let g = &mut state.gprs;
+        let mut g = vmx::read_gprs_from(&mut FastUtcb);
         let [a, b, c, d] = devices::cpuid(g.rax as u32, g.rcx as u32, v as u32);
         (g.rax, g.rbx, g.rcx, g.rdx) = (a.into(), b.into(), c.into(), d.into());
-        vmx::write_reply(&Reply::with_state(
-            ResumeAction::Advance,
-            StateMask::GPRS,
-            state,
-        ))
+        vmx::write_gprs_reply_to(&mut FastUtcb, ResumeAction::Advance, Some(&g))
     }
 
     /// An EPT violation: a fresh page for the guest-physical page (the image's bytes inside the
@@ -603,7 +648,7 @@ impl Guest {
         &mut self,
         v: usize,
         gpa: u64,
-        msg: &ExitMessage,
+        exit: &RawExit,
         ram: &mut Ram,
         pool: &mut u64,
     ) -> (ExitReply, Sample) {
@@ -627,10 +672,18 @@ impl Guest {
         if image_page {
             self.load_image_page(ram, page, page_gpa);
         } else {
-            ram.fill(page, page_gpa ^ layout::PATTERN, 8);
+            ram.fill(page, page_gpa ^ layout::PATTERN);
         }
-        match map_page(ram, pool, page, page_gpa) {
-            Ok(()) => self.stats[protocol::R_DEMAND_FAULTS] += 1,
+        let start = rt::rdtsc();
+        let mapped = map_page(ram, pool, page, page_gpa);
+        let cycles = rt::rdtsc().wrapping_sub(start);
+        match mapped {
+            Ok(()) => {
+                self.stats[protocol::R_DEMAND_FAULTS] += 1;
+                if !image_page && self.map_samples.len() < MAX_SAMPLES {
+                    self.map_samples.push(cycles);
+                }
+            }
             // Another vCPU touched the page first.
             Err(Status::AlreadyMapped) => ram.release(page),
             Err(e) => {
@@ -646,15 +699,15 @@ impl Guest {
         } else {
             Sample::DemandFault
         };
-        match msg.exit.idt_vectoring() {
+        match exit.idt_vectoring() {
             Some(event) => {
                 let length = if event.kind.uses_instruction_length() {
-                    msg.exit.instruction_length
+                    exit.instruction_length
                 } else {
                     0
                 };
                 let reply = Reply::new(ResumeAction::Resume).inject(event, length);
-                (vmx::write_reply(&reply), sample)
+                (answer(&reply), sample)
             }
             None => (ExitReply::Resume, sample),
         }
@@ -662,7 +715,7 @@ impl Guest {
 
     /// Zeroes `page` and copies into it the image bytes of the guest-physical page `page_gpa`.
     fn load_image_page(&self, ram: &Ram, page: u64, page_gpa: u64) {
-        ram.fill(page, 0, 0);
+        ram.fill(page, 0);
         let file = self.image.bytes();
         for segment in self.executable.segments() {
             let bytes = segment.bytes(file);
@@ -678,37 +731,25 @@ impl Guest {
 
     /// IN and OUT: the 16550 at 0x3f8, the debug-exit and result ports; other ports read all
     /// ones and ignore writes.
-    fn io(
-        &mut self,
-        v: usize,
-        port: u16,
-        size: u8,
-        direction: IoDirection,
-        msg: &ExitMessage,
-    ) -> ExitReply {
+    fn io(&mut self, v: usize, port: u16, size: u8, direction: IoDirection) -> ExitReply {
         self.stats[protocol::R_IO_EXITS] += 1;
         let mask = match size {
             1 => 0xff,
             2 => 0xffff,
             _ => 0xffff_ffff,
         };
+        let mut g = vmx::read_gprs_from(&mut FastUtcb);
         if direction == IoDirection::In {
-            let mut state = msg.state;
             let value = u64::from(devices::port_in(port, size));
-            let rax = &mut state.gprs.rax;
             // A 32-bit IN zero-extends into RAX; 8- and 16-bit INs keep the rest.
-            *rax = if size == 4 {
+            g.rax = if size == 4 {
                 value
             } else {
-                (*rax & !mask) | (value & mask)
+                (g.rax & !mask) | (value & mask)
             };
-            return vmx::write_reply(&Reply::with_state(
-                ResumeAction::Advance,
-                StateMask::GPRS,
-                state,
-            ));
+            return vmx::write_gprs_reply_to(&mut FastUtcb, ResumeAction::Advance, Some(&g));
         }
-        let value = msg.state.gprs.rax & mask;
+        let value = g.rax & mask;
         match port {
             port::SERIAL => {
                 let prefix = self.prefix(self.vcpus[v].index);
@@ -726,14 +767,10 @@ impl Guest {
                 }
                 return self.stop(v);
             }
-            port::RESULT => {
-                if self.results.len() < 16 {
-                    self.results.push(value);
-                }
-            }
+            port::RESULT if self.results.len() < 16 => self.results.push(value),
             _ => {}
         }
-        vmx::write_reply(&Reply::new(ResumeAction::Advance))
+        vmx::write_gprs_reply_to(&mut FastUtcb, ResumeAction::Advance, None)
     }
 
     /// HLT: with interrupts on, the virtual timer fires: past the HLT, vector 0x20 injected. With
@@ -756,7 +793,7 @@ impl Guest {
             self.migrate(v);
         }
         let timer = EventInfo::external_interrupt(layout::TIMER_VECTOR);
-        vmx::write_reply(&Reply::new(ResumeAction::Advance).inject(timer, 0))
+        answer(&Reply::new(ResumeAction::Advance).inject(timer, 0))
     }
 
     /// Moves vCPU `v` to the next CPU (while it waits for the reply to its exit).
@@ -785,7 +822,7 @@ impl Guest {
     /// The #GP(0) a refused MSR access raises (RIP stays at the instruction).
     fn general_protection() -> ExitReply {
         let gp = EventInfo::hardware_exception(vector::GP, Some(0));
-        vmx::write_reply(&Reply::new(ResumeAction::Resume).inject(gp, 0))
+        answer(&Reply::new(ResumeAction::Resume).inject(gp, 0))
     }
 
     fn rdmsr(&mut self, v: usize, msg: &ExitMessage) -> ExitReply {
@@ -802,7 +839,7 @@ impl Guest {
         };
         state.gprs.rax = value & 0xffff_ffff;
         state.gprs.rdx = value >> 32;
-        vmx::write_reply(&Reply::with_state(
+        answer(&Reply::with_state(
             ResumeAction::Advance,
             StateMask::GPRS,
             state,
@@ -828,7 +865,7 @@ impl Guest {
             }
             _ => return Self::general_protection(),
         };
-        vmx::write_reply(&Reply::with_state(ResumeAction::Advance, mask, state))
+        answer(&Reply::with_state(ResumeAction::Advance, mask, state))
     }
 
     // ---- End ----
@@ -841,6 +878,7 @@ impl Guest {
         extra[protocol::R_GUEST_EPT_FAULT] = self.results.get(1).copied().unwrap_or(u64::MAX);
         extra[protocol::R_VMM_CPUID] = median(&mut self.cpuid_samples);
         extra[protocol::R_VMM_EPT_FAULT] = median(&mut self.fault_samples);
+        extra[protocol::R_VMM_EPT_MAP] = median(&mut self.map_samples);
         extra[protocol::R_PAGES] = ram.used();
         Report {
             words: [self.number, outcome as u64, detail, interrupts],
@@ -851,11 +889,11 @@ impl Guest {
     /// Deletes the vCPUs and the EPT and takes the guest's memory back; a failure there becomes
     /// the outcome if the guest had none worse.
     pub fn teardown(mut self, ram: &mut Ram, mut report: Report) -> Report {
-        if let Err(e) = self.dismantle(ram) {
-            if report.words[1] == Outcome::Pass as u64 {
-                report.words[1] = Outcome::VmmError as u64;
-                report.words[2] = e.code();
-            }
+        if let Err(e) = self.dismantle(ram)
+            && report.words[1] == Outcome::Pass as u64
+        {
+            report.words[1] = Outcome::VmmError as u64;
+            report.words[2] = e.code();
         }
         report
     }
@@ -872,6 +910,13 @@ impl Guest {
             log::error!("taking guest memory back: {e:?}");
             result = Err(e);
         }
+        if self.pd_created {
+            self.pd_created = false;
+            if let Err(e) = sys::cap_delete(slot::GUEST_PD) {
+                log::error!("CapDelete of the guest's PD: {e:?}");
+                result = Err(e);
+            }
+        }
         if self.ept_created {
             self.ept_created = false;
             if let Err(e) = sys::cap_delete(slot::EPT) {
@@ -881,6 +926,12 @@ impl Guest {
         }
         result
     }
+}
+
+/// Writes `reply` for the answer to the current exit.
+#[inline]
+fn answer(reply: &Reply) -> ExitReply {
+    vmx::write_reply_to(&mut FastUtcb, reply)
 }
 
 /// Maps RAM page `page` at `gpa`, donating another pool piece if the EPT's pool runs dry.

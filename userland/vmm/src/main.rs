@@ -1,14 +1,18 @@
 //! The VMM server: runs 64-bit guests on vCPU and EPT capabilities, every VM exit arriving as
 //! an IPC call on its exit endpoint.
 //!
-//! The root task starts it as a boot module and fills its slots (`rt::vmx::protocol`); then each
-//! `RUN` request on the service endpoint builds a guest ([`guest::Guest::start`]: EPT, vCPUs,
-//! page tables, GDT, initial state), answers at once, handles the guest's exits until it ends
-//! ([`guest::Guest::run`]), takes its memory back and reports the outcome to the root task.
+//! The root task starts it as a boot module and fills its slots (`rt::vmx::protocol`): guest
+//! RAM, memory for EPT pools, the guest image, the endpoint to report on. Then each `RUN`
+//! request on the service endpoint builds a guest ([`guest::Guest::start`]: an EPT object over
+//! a donated pool piece, a protection domain for its vCPUs, page tables, GDT, initial state),
+//! answers at once, handles the guest's exits until it ends ([`guest::Guest::run`]), takes its
+//! memory back ([`guest::Guest::teardown`]) and reports the outcome to the root task. One guest
+//! runs at a time.
 //!
 //! - [`guest`]: a guest's construction, exit loop and teardown;
 //! - [`devices`]: what the exits emulate (CPUID, the 16550, the debug and result ports, MSRs);
 //! - [`memory`]: the windows on guest RAM and the guest image (the only `unsafe`).
+//! - [`shadow`]: nested VMX's shadow EPTs (the system-call `ShadowBackend` and `Nested`).
 #![no_std]
 #![no_main]
 #![deny(unsafe_code)]
@@ -19,6 +23,9 @@ mod devices;
 mod guest;
 #[allow(unsafe_code)]
 mod memory;
+// Nested VMX: used by the VMX emulation once it lands.
+#[allow(dead_code)]
+mod shadow;
 
 use abi::Status;
 use guest::{Guest, Request};
@@ -37,16 +44,21 @@ pub mod slot {
     pub const EPT: u64 = 17;
     /// A piece of the pool being donated (empty again once donated).
     pub const POOL_PIECE: u64 = 18;
+    /// The running guest's protection domain, which its vCPUs belong to.
+    pub const GUEST_PD: u64 = 19;
     /// The running guest's vCPUs.
     pub const FIRST_VCPU: u64 = 24;
 }
 
 /// What the VMM keeps between guests.
-pub struct Vmm {
+struct Vmm {
+    /// Guest RAM, mapped on the first request.
     ram: Option<Ram>,
+    /// The guest image, mapped on the first request.
     image: Option<Image>,
-    /// Pool pieces handed out so far.
-    pub pool_pieces: u64,
+    /// Pool pieces donated so far.
+    pool_pieces: u64,
+    /// Guests started so far (the next guest's number).
     guests: u64,
 }
 
