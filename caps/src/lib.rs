@@ -14,6 +14,8 @@ extern crate alloc;
 
 pub mod derivation;
 mod error;
+#[cfg(any(test, feature = "alloc"))]
+pub mod index;
 mod key;
 pub mod object;
 pub mod rights;

@@ -268,6 +268,49 @@ impl PageTableFormat for Ept {
     }
 }
 
+/// The EPT format for tables their owner built itself (the kernel's EPT objects, whose every
+/// entry it wrote from validated values): the same bit meanings as [`Ept`], without the
+/// misconfiguration checks that tables written by a guest need. Decodes exactly like
+/// [`Ept`] for every entry that [`Ept`] accepts (tested below).
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug, Default)]
+pub struct TrustedEpt;
+
+impl PageTableFormat for TrustedEpt {
+    type Attributes = EptAttributes;
+    const ROOT_LEVEL: Level = Level::ROOT_4;
+
+    fn decode(&self, level: Level, raw: u64) -> Decoded<EptAttributes> {
+        let rwx = raw & 0b111;
+        if rwx == 0 {
+            return Decoded::NotPresent;
+        }
+        let rights = Rights::from_bits_truncate(rwx as u8);
+        let large = raw & (1 << 7) != 0 && matches!(level.number(), 2 | 3);
+        let Some(size) = level.leaf_size().filter(|_| large || level.number() == 1) else {
+            return Decoded::Table {
+                address: raw & ADDRESS_MASK_52,
+                rights,
+            };
+        };
+        let Some(memtype) = MemType::from_bits(((raw >> 3) & 0b111) as u8) else {
+            return Decoded::Invalid(crate::walk::InvalidEntry::ReservedMemoryType(
+                ((raw >> 3) & 0b111) as u8,
+            ));
+        };
+        Decoded::Leaf {
+            address: raw & ADDRESS_MASK_52 & !size.offset_mask(),
+            size,
+            rights,
+            attributes: EptAttributes {
+                memtype,
+                ignore_pat: raw & (1 << 6) != 0,
+                accessed: raw & (1 << 8) != 0,
+                dirty: raw & (1 << 9) != 0,
+            },
+        }
+    }
+}
+
 /// Leaf attributes of a 4-level paging entry.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
 pub struct PagingAttributes {
@@ -795,6 +838,27 @@ where
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod trusted_tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn trusted_ept_decodes_like_ept_wherever_ept_accepts(raw: u64, level in 1u8..=4) {
+            let level = Level::new(level).unwrap();
+            // Mostly well-formed entries (address within 46 bits, low flag bits), so that
+            // most cases reach the comparison.
+            for raw in [raw, raw & (0x0000_3fff_ffff_f000 | 0x3ff)] {
+                let checked = Ept::default().decode(level, raw);
+                if !matches!(checked, Decoded::Invalid(_)) {
+                    prop_assert_eq!(TrustedEpt.decode(level, raw), checked);
+                }
+            }
+        }
+    }
 }
 
 #[cfg(test)]

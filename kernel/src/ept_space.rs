@@ -2,19 +2,67 @@
 //! their creator donated. Tables are edited through the one walker (`ept::walk`, EPT format).
 
 use crate::paging::{IdentityMemory, MapError};
-use crate::{hw, phys};
+use crate::phys;
 use alloc::collections::BTreeMap;
 use alloc::vec::Vec;
 use caps::NodeId;
-use ept::check::EptCapabilities;
+use caps::index::NodeIndex;
 use ept::entry::{EptEntry, Eptp, MemType, PageSize, Rights};
-use ept::walk::{Decoded, Ept, Level, Visit, Writable, walk, walk_with};
+use ept::walk::{Decoded, Level, TrustedEpt, Visit, Writable, walk, walk_with};
 
 /// Derivation-tree space ids of EPT objects start here (PDs use 0..SPACES).
 pub const EPT_SPACE_BASE: u32 = 0x1000;
 /// Bookkeeping bytes one mapping costs the pool (its derivation-tree node, 24 bytes, and its
 /// entry in the mapping index, rounded up).
 pub const MAPPING_COST: usize = 64;
+
+/// Address -> (derivation node, page size) of every mapping in an address space (an EPT
+/// object's or a PD's), over `caps::index::NodeIndex`.
+#[derive(Default)]
+pub struct Mappings(NodeIndex);
+
+impl Mappings {
+    pub const fn new() -> Self {
+        Self(NodeIndex::new())
+    }
+
+    fn size_of_tag(tag: u8) -> PageSize {
+        match tag {
+            1 => PageSize::Size2M,
+            2 => PageSize::Size1G,
+            _ => PageSize::Size4K,
+        }
+    }
+
+    fn tag_of(size: PageSize) -> u8 {
+        match size {
+            PageSize::Size4K => 0,
+            PageSize::Size2M => 1,
+            PageSize::Size1G => 2,
+        }
+    }
+
+    pub fn get(&self, address: u64) -> Option<(NodeId, PageSize)> {
+        self.0
+            .get(address)
+            .map(|(node, tag)| (node, Self::size_of_tag(tag)))
+    }
+
+    pub fn contains_key(&self, address: u64) -> bool {
+        self.0.contains_key(address)
+    }
+
+    /// Records a mapping; false if one is recorded at `address` already.
+    pub fn insert(&mut self, address: u64, node: NodeId, size: PageSize) -> bool {
+        self.0.insert(address, node, Self::tag_of(size))
+    }
+
+    pub fn remove(&mut self, address: u64) -> Option<(NodeId, PageSize)> {
+        self.0
+            .remove(address)
+            .map(|(node, tag)| (node, Self::size_of_tag(tag)))
+    }
+}
 
 /// What a lookup in an EPT found.
 #[derive(Clone, Copy, Debug)]
@@ -63,28 +111,9 @@ pub struct EptSpace {
     /// Bookkeeping bytes paid for and not yet used.
     pub budget: usize,
     /// Mappings: GPA -> (derivation node, size).
-    pub mappings: BTreeMap<u64, (NodeId, PageSize)>,
+    pub mappings: Mappings,
     /// CPUs that may hold translations of this EPT (INVEPT targets).
     pub cpus: u64,
-    pub capabilities: EptCapabilities,
-}
-
-/// The EPT features of this machine (from IA32_VMX_EPT_VPID_CAP).
-pub fn machine_capabilities() -> EptCapabilities {
-    let caps = crate::vmx::capabilities().ept_vpid();
-    let (max_ext, ..) = hw::cpuid(0x8000_0000, 0);
-    let max_phys_bits = if max_ext >= 0x8000_0008 {
-        (hw::cpuid(0x8000_0008, 0).0 & 0xff) as u8
-    } else {
-        36
-    };
-    use vcpu::controls::EptVpidCapabilities as C;
-    EptCapabilities {
-        max_phys_bits,
-        execute_only: caps.contains(C::EXECUTE_ONLY),
-        pages_1g: caps.contains(C::PAGES_1G),
-        accessed_dirty: false,
-    }
 }
 
 impl EptSpace {
@@ -96,9 +125,8 @@ impl EptSpace {
             root,
             pool,
             budget: 0,
-            mappings: BTreeMap::new(),
+            mappings: Mappings::new(),
             cpus: 0,
-            capabilities: machine_capabilities(),
         })
     }
 
@@ -137,9 +165,7 @@ impl EptSpace {
     ) -> Result<(), MapError> {
         let target = Level::of_size(size).number();
         let leaf = EptEntry::leaf(frame, size, rights & Rights::RWX, memtype, ignore_pat).0;
-        let format = Ept {
-            capabilities: self.capabilities,
-        };
+        let format = TrustedEpt;
         let pool = &mut self.pool;
         let mut error = None;
         let result = walk_with(
@@ -190,9 +216,7 @@ impl EptSpace {
     /// Clears the leaf of `size` at `gpa`. The caller invalidates.
     pub fn unmap(&mut self, gpa: u64, size: PageSize) -> Result<(), MapError> {
         let target = Level::of_size(size).number();
-        let format = Ept {
-            capabilities: self.capabilities,
-        };
+        let format = TrustedEpt;
         let mut found = Err(MapError::NotMapped);
         let _ = walk_with(
             &format,
@@ -214,9 +238,7 @@ impl EptSpace {
 
     /// What `gpa` maps to.
     pub fn lookup(&self, gpa: u64) -> Option<EptLeaf> {
-        let format = Ept {
-            capabilities: self.capabilities,
-        };
+        let format = TrustedEpt;
         let t = walk(&format, &IdentityMemory, self.root, gpa).ok()?;
         Some(EptLeaf {
             frame: t.frame,

@@ -7,7 +7,7 @@
 //! it may wait for them.
 
 use crate::cpu::{self, TrapFrame};
-use crate::ept_space::{Donated, EPT_SPACE_BASE, EptSpace};
+use crate::ept_space::{Donated, EPT_SPACE_BASE, EptSpace, Mappings};
 use crate::fpu::FpuArea;
 use crate::paging::{AddressSpace, MapError};
 use crate::percpu::{self, CPU_COUNT, CPUS, MAX_CPUS};
@@ -38,7 +38,7 @@ pub struct Pd {
     /// I/O port grants: first port -> (derivation node, number of ports).
     pub io_grants: BTreeMap<u32, (NodeId, u32)>,
     /// User mappings: virtual address -> (derivation node, page size).
-    pub mappings: BTreeMap<u64, (NodeId, PageSize)>,
+    pub mappings: Mappings,
     /// CPUs that have this address space loaded now (bit per CPU index).
     pub active_cpus: u64,
 }
@@ -299,7 +299,7 @@ impl Kernel {
                 aspace,
                 io_bitmap: None,
                 io_grants: BTreeMap::new(),
-                mappings: BTreeMap::new(),
+                mappings: Mappings::new(),
                 active_cpus: 0,
             },
         ))
@@ -985,13 +985,13 @@ impl Kernel {
         if space >= EPT_SPACE_BASE {
             let e = space - EPT_SPACE_BASE;
             let ept = self.epts.get_mut(e as usize)?.as_mut()?;
-            let (_, size) = ept.mappings.remove(&address)?;
+            let (_, size) = ept.mappings.remove(address)?;
             let _ = ept.unmap(address, size);
             ept.refund();
             return Some(Space::Ept(e));
         }
         let pd = self.pds.get_mut(space as usize)?.as_mut()?;
-        let (_, size) = pd.mappings.remove(&address)?;
+        let (_, size) = pd.mappings.remove(address)?;
         let _ = pd.aspace.unmap(address, size);
         Some(Space::Pd(space))
     }
@@ -1019,9 +1019,9 @@ impl Kernel {
         };
         // A CPU whose TSS still holds this PD's old bitmap must copy it again, even if the PD
         // does not run there now; a CPU that runs it gets the new one at once.
-        for c in 0..MAX_CPUS {
-            if CPUS[c].io_owner.load(Ordering::Relaxed) == u64::from(pd) + 1 {
-                cpu::invalidate_io_bitmap(&CPUS[c]);
+        for c in CPUS.iter() {
+            if c.io_owner.load(Ordering::Relaxed) == u64::from(pd) + 1 {
+                cpu::invalidate_io_bitmap(c);
             }
         }
         for c in (0..MAX_CPUS).filter(|c| p.active_cpus & (1 << c) != 0) {

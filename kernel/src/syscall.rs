@@ -345,9 +345,9 @@ fn handle(
             user_range(vaddr, size.bytes())?;
             let node = match k.pds[pd as usize]
                 .as_ref()
-                .and_then(|p| p.mappings.get(&vaddr))
+                .and_then(|p| p.mappings.get(vaddr))
             {
-                Some(&(node, s)) if s == size => node,
+                Some((node, s)) if s == size => node,
                 _ => return Err(Status::NotMapped),
             };
             let mut keys = Vec::new();
@@ -445,9 +445,9 @@ fn handle(
             }
             let node = match k.epts[e as usize]
                 .as_ref()
-                .and_then(|x| x.mappings.get(&a[1]))
+                .and_then(|x| x.mappings.get(a[1]))
             {
-                Some(&(node, s)) if s == size => node,
+                Some((node, s)) if s == size => node,
                 _ => return Err(Status::NotMapped),
             };
             let mut keys = Vec::new();
@@ -741,11 +741,8 @@ fn ept_map(k: &mut MutexGuard<'static, Kernel>, space: u32, a: [u64; 6]) -> Call
         page: gpa >> 12,
         level: (size.shift() / 9 - 1) as u8,
     };
-    let taken = |k: &Kernel, gpa: u64| {
-        k.epts[e as usize]
-            .as_ref()
-            .is_some_and(|x| x.mappings.contains_key(&gpa))
-    };
+    // An occupied address is found by the table walk itself (`MapError::AlreadyMapped`),
+    // which then undoes the node: no separate lookup on the common path.
     let (frame, gpa, size, rights, memtype, ignore_pat, node) =
         match k.caps.get(space, a[1])?.kind() {
             ObjectKind::Ept => {
@@ -782,12 +779,9 @@ fn ept_map(k: &mut MutexGuard<'static, Kernel>, space: u32, a: [u64; 6]) -> Call
                 } else {
                     (memtype, ignore_pat)
                 };
-                if taken(k, gpa) {
-                    return Err(Status::AlreadyMapped);
-                }
                 let parent = source
                     .mappings
-                    .get(&leaf_base)
+                    .get(leaf_base)
                     .ok_or(Status::Inconsistent)?
                     .0;
                 let node = k.caps.derive_from_node(parent, key(gpa, size))?;
@@ -821,9 +815,6 @@ fn ept_map(k: &mut MutexGuard<'static, Kernel>, space: u32, a: [u64; 6]) -> Call
                 if k.donated.overlaps(frame, frame + size.bytes()) {
                     return Err(Status::InsufficientRights);
                 }
-                if taken(k, gpa) {
-                    return Err(Status::AlreadyMapped);
-                }
                 let node = k.caps.derive_node(space, a[1], key(gpa, size))?;
                 (frame, gpa, size, wanted, memtype, ignore_pat, node)
             }
@@ -842,7 +833,7 @@ fn ept_map(k: &mut MutexGuard<'static, Kernel>, space: u32, a: [u64; 6]) -> Call
         let _ = k.caps.remove_node(node, &mut |_| {}, &mut |_, _| {});
         return Err(status);
     }
-    ept.mappings.insert(gpa, (node, size));
+    ept.mappings.insert(gpa, node, size);
     Ok(Outcome::Done([
         Some(u64::from(size.shift() - 12)),
         Some(u64::from(rights.bits())),
@@ -884,7 +875,7 @@ fn mem_map(k: &mut MutexGuard<'static, Kernel>, space: u32, a: [u64; 6]) -> Call
     user_range(vaddr, size.bytes())?;
     if k.pds[pd as usize]
         .as_ref()
-        .is_some_and(|p| p.mappings.contains_key(&vaddr))
+        .is_some_and(|p| p.mappings.contains_key(vaddr))
     {
         return Err(Status::AlreadyMapped);
     }
@@ -903,6 +894,6 @@ fn mem_map(k: &mut MutexGuard<'static, Kernel>, space: u32, a: [u64; 6]) -> Call
         let _ = k.caps.remove_node(node, &mut |_| {}, &mut |_, _| {});
         return Err(map_status(e));
     }
-    target.mappings.insert(vaddr, (node, size));
+    target.mappings.insert(vaddr, node, size);
     Ok(DONE)
 }

@@ -1105,7 +1105,8 @@ impl NestedVmx {
     // --- Instructions ---
 
     /// Emulates one VMX instruction of L1 (SDM Vol. 3C §31.3); `l1` is L1's state at the exit
-    /// ([`L1_VMX_EXIT_STATE`]). VMFUNC in VMX root operation is #UD.
+    /// ([`L1_VMX_EXIT_STATE`]). VMFUNC in VMX root operation is #UD. Only for exits of L1's
+    /// vCPU: a VMX instruction of L2 always belongs to L1 ([`NestedVmx::exit_belongs_to_l1`]).
     pub fn execute(
         &mut self,
         instruction: &Instruction,
@@ -1205,11 +1206,11 @@ impl NestedVmx {
         }
         match self.find(pointer) {
             Some(slot) => {
-                if let Some(v) = self.cache[slot].as_mut() {
-                    if v.launched {
-                        v.launched = false;
-                        v.dirty = true;
-                    }
+                if let Some(v) = self.cache[slot].as_mut()
+                    && v.launched
+                {
+                    v.launched = false;
+                    v.dirty = true;
                 }
                 self.write_back(slot, mem);
                 self.cache[slot] = None;
@@ -1402,11 +1403,9 @@ impl NestedVmx {
                 mem,
             ));
         }
-        if launch {
-            if let Some(v) = self.current_mut() {
-                v.launched = true;
-                v.dirty = true;
-            }
+        if launch && let Some(v) = self.current_mut() {
+            v.launched = true;
+            v.dirty = true;
         }
         self.touch(slot);
         self.entry = Some(EntryRecord {
@@ -2322,11 +2321,11 @@ impl NestedVmx {
         mem: &mut impl L1Memory,
     ) -> Option<L1Resume> {
         let record = self.entry.take()?;
-        if record.launch {
-            if let Some(v) = self.current_mut() {
-                v.launched = false;
-                v.dirty = true;
-            }
+        if record.launch
+            && let Some(v) = self.current_mut()
+        {
+            v.launched = false;
+            v.dirty = true;
         }
         let basic = raw.reason_field().basic;
         let reason = if matches!(basic, 33 | 34 | 41) {
@@ -2365,9 +2364,7 @@ impl NestedVmx {
         save_guest_state(&mut v.image, &c, l2, stores_lma);
         v.dirty = true;
         self.entry = None;
-        let Some(v) = self.vmcs12() else {
-            return None;
-        };
+        let v = self.vmcs12()?;
 
         // §28.4: VM-exit MSR-store area.
         let area = v.read(VmcsField::VM_EXIT_MSR_STORE_ADDRESS);
@@ -3072,7 +3069,7 @@ fn io_exits(v: &VmcsImage, c: &Controls12, port: u16, size: u8, mem: &mut impl L
         } else {
             (VmcsField::IO_BITMAP_B_ADDRESS, port - 0x8000)
         };
-        let word = read_or_ones(mem, v.read(bitmap) + u64::from(bit / 64) * 8);
+        let word = read_or_ones(mem, v.read(bitmap).wrapping_add(u64::from(bit / 64) * 8));
         word >> (bit % 64) & 1 != 0
     })
 }
@@ -3095,7 +3092,9 @@ fn msr_exits(
         _ => return true,
     };
     let offset = offset + if write { 0x800 } else { 0 };
-    let address = v.read(VmcsField::MSR_BITMAPS_ADDRESS) + offset + u64::from(bit / 64) * 8;
+    let address = v
+        .read(VmcsField::MSR_BITMAPS_ADDRESS)
+        .wrapping_add(offset + u64::from(bit / 64) * 8);
     read_or_ones(mem, address) >> (bit % 64) & 1 != 0
 }
 
@@ -3103,7 +3102,7 @@ fn msr_exits(
 mod tests {
     use super::*;
     use crate::controls::ControlSet;
-    use crate::exit::decode;
+    use crate::exit::{ExitReason, decode};
     use proptest::prelude::*;
     use std::collections::HashMap;
     use std::vec::Vec;
@@ -4493,7 +4492,7 @@ mod tests {
         let mut f = Fixture::launched();
         let mut l2 = f.vmx.l2_entry(&L0Requirements::default()).unwrap().state;
         // I/O bitmap A: port 0x60 exits, 0x61 does not; a 2-byte access at 0x5f reaches 0x60.
-        f.mem.write_u64(IO_BITMAP_A + 8, 1);
+        f.mem.write_u64(IO_BITMAP_A + 8, 1 << 32);
         let io = |port: u16, size: u8| VmExit::IoInstruction {
             port,
             size,
@@ -4503,7 +4502,7 @@ mod tests {
         };
         // MSR bitmap: read of 0x10 and write of 0xc000_0080 exit.
         f.mem.write_u64(MSR_BITMAP, 1 << 0x10);
-        f.mem.write_u64(MSR_BITMAP + 0xc00, 1 << 0x80);
+        f.mem.write_u64(MSR_BITMAP + 0xc00 + 0x80 / 8, 1);
         let mut msr = |f: &mut Fixture, index: u32, write: bool| {
             l2.gprs.rcx = index.into();
             let exit = if write { VmExit::Wrmsr } else { VmExit::Rdmsr };
@@ -4517,7 +4516,7 @@ mod tests {
             msr(&mut f, 0x4000_0000, false),
             "outside the bitmap's ranges"
         );
-        let mut belongs = |f: &mut Fixture, exit: VmExit, l2: &GuestState| {
+        let belongs = |f: &mut Fixture, exit: VmExit, l2: &GuestState| {
             f.vmx.exit_belongs_to_l1(&exit, l2, &mut f.mem)
         };
         let l2 = l2;
@@ -4781,7 +4780,7 @@ mod tests {
             })
         );
         assert_eq!(resolved.reg2, Some(F::GUEST_RIP.encoding().into()));
-        assert!(resolve(&VmExit::Hlt, &l1, |l| Ok(l)).is_none());
+        assert!(resolve(&VmExit::Hlt, &l1, Ok).is_none());
     }
 
     // --- No input panics ---
@@ -4793,11 +4792,11 @@ mod tests {
                 value
             }),
             prop_oneof![
-                Just(OPERAND),
-                Just(DESCRIPTOR),
-                Just(VMCS_A),
-                0u64..0x20_0000,
-                any::<u64>()
+                4 => Just(OPERAND),
+                1 => Just(DESCRIPTOR),
+                1 => Just(VMCS_A),
+                1 => 0u64..0x20_0000,
+                1 => any::<u64>()
             ]
             .prop_map(|gpa| Place::Memory { gpa }),
         ]
@@ -4847,14 +4846,24 @@ mod tests {
             (0u64..64).prop_map(|i| 0x10_0000 + i * 0x1000),
             any::<u64>()
         ];
+        let cpl = prop_oneof![8 => Just(0u8), 1 => 1u8..4];
         prop_oneof![
-            4 => (any_kind(), prop::option::of(any_place()), prop::option::of(encoding.clone()), 0u8..4, any::<bool>())
-                .prop_map(|(kind, operand, reg2, cpl, long)| Step::Instruction(Instruction { kind, operand, reg2 }, cpl, long)),
+            6 => (
+                any_kind(),
+                prop::option::weighted(0.9, any_place()),
+                prop::option::weighted(0.9, encoding.clone()),
+                cpl,
+                prop::bool::weighted(0.9),
+            )
+                .prop_map(|(kind, operand, reg2, cpl, long)| {
+                    Step::Instruction(Instruction { kind, operand, reg2 }, cpl, long)
+                }),
+            2 => pointer.clone().prop_map(|p| Step::Poke(OPERAND, p)),
             2 => (pointer, any::<u64>()).prop_map(|(a, v)| Step::Poke(a, v)),
             3 => (encoding, any::<u64>()).prop_map(|(e, v)| Step::Write(e, v)),
             2 => (any::<u32>(), any::<u64>(), any::<u32>(), any::<u32>(), any::<u64>())
                 .prop_map(|(reason, q, info, int, rcx)| Step::Exit(RawExit {
-                    reason: reason % 80 | (reason & 0x8000_0000),
+                    reason: (reason % 80) | (reason & 0x8000_0000),
                     qualification: q,
                     instruction_information: info,
                     interruption_information: int,
@@ -4866,7 +4875,7 @@ mod tests {
     }
 
     proptest! {
-        #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+        #![proptest_config(ProptestConfig { cases: 128, ..ProptestConfig::default() })]
         #[test]
         fn no_sequence_of_instructions_operands_or_memory_panics(
             start in 0u8..3,
@@ -4916,11 +4925,11 @@ mod tests {
                         l2.gprs.rcx = rcx;
                         l2.rbx_like_noise();
                         let exit = decode(&raw);
-                        if f.vmx.exit_belongs_to_l1(&exit, &l2, &mut f.mem) {
-                            if let Some(resume) = f.vmx.reflect_exit(&raw, &l2, &mut f.mem) {
-                                f.l1 = resume.state;
-                                let _ = resume.reply();
-                            }
+                        if f.vmx.exit_belongs_to_l1(&exit, &l2, &mut f.mem)
+                            && let Some(resume) = f.vmx.reflect_exit(&raw, &l2, &mut f.mem)
+                        {
+                            f.l1 = resume.state;
+                            let _ = resume.reply();
                         }
                         let _ = f.vmx.external_interrupt_exit(raw.qualification as u8);
                         let _ = f.vmx.nmi_exit();

@@ -146,6 +146,13 @@ pub fn vcpu_set_affinity(vcpu: Selector, cpu: u64) -> Result<()> {
     invoke(Syscall::VcpuSetAffinity, [vcpu, cpu, 0, 0, 0, 0]).map(|_| ())
 }
 
+/// `VmxCapability`: the value of the VMX capability MSR `msr` (IA32_VMX_BASIC 0x480 to
+/// IA32_VMX_VMFUNC 0x491) as the kernel read it (`InvalidArgument` for an MSR the CPU lacks,
+/// `Unsupported` without VMX).
+pub fn vmx_capability(msr: u32) -> Result<u64> {
+    invoke(Syscall::VmxCapability, [u64::from(msr), 0, 0, 0, 0, 0]).map(|r| r[0])
+}
+
 // ---- Exits as IPC ----
 
 /// A call received on an exit endpoint (or any call, with its badge): the badge (r0), the
@@ -503,6 +510,13 @@ pub fn write_gprs_reply_to(
 /// | [`POOL`] | memory the VMM splits and donates to its EPT objects | all |
 /// | [`IMAGE`] | a copy of the guest image (an ELF file) | READ, MAP |
 /// | [`REPORT`] | the root task's endpoint for [`REPORT_LABEL`] calls | CALL |
+/// | [`PAGER`] | nested guests: the L0 pager's service endpoint (`rt::nested::pager`) | CALL |
+/// | [`SHADOW_POOL`] | nested guests: memory for shadow EPTs, `2^SHADOW_POOL_ORDER` pages | WRITE, DELEGATE |
+///
+/// A plain guest needs the first four; a nested guest ([`FLAG_NESTED`]: an L1 hypervisor whose
+/// memory the L0 pager owns, `docs/nested.md`) needs [`IMAGE`], [`REPORT`], [`PAGER`] and
+/// [`SHADOW_POOL`] (each nested guest takes a `2^NESTED_POOL_ORDER`-page piece of it). The root
+/// task may replace [`PAGER`] between guests (a fresh pager for each L1).
 ///
 /// A guest run: the root task calls the service endpoint with [`RUN`]; the VMM answers at once
 /// ([`RUN_OK`] or [`RUN_ERROR`] with the status in word 0); when the guest has ended, the VMM
@@ -516,6 +530,14 @@ pub mod protocol {
     pub const IMAGE: u64 = 5;
     /// VMM slot: the endpoint reports go to.
     pub const REPORT: u64 = 6;
+    /// VMM slot: the L0 pager's service endpoint (nested guests).
+    pub const PAGER: u64 = 7;
+    /// VMM slot: memory for the shadow EPTs of nested guests.
+    pub const SHADOW_POOL: u64 = 8;
+    /// Size of [`SHADOW_POOL`]: 2^11 pages (8 MiB).
+    pub const SHADOW_POOL_ORDER: u64 = 11;
+    /// The piece of [`SHADOW_POOL`] each nested guest gets: 2^9 pages (2 MiB).
+    pub const NESTED_POOL_ORDER: u64 = 9;
     /// Size of [`RAM`]: 2^12 pages (16 MiB).
     pub const RAM_ORDER: u64 = 12;
     /// Size of [`POOL`]: 2^9 pages (2 MiB).
@@ -532,8 +554,12 @@ pub mod protocol {
     pub const REPORT_LABEL: u16 = 0x5604;
 
     /// Flag of RUN word 3: after the third timer interrupt of the last vCPU, move it to the
-    /// next CPU.
+    /// next CPU (a nested guest: at the last vCPU's second query of CPUID 0x4000_0001).
     pub const FLAG_MIGRATE: u64 = 1 << 0;
+    /// Flag of RUN word 3: the guest is an L1 hypervisor (`docs/nested.md`): its memory comes
+    /// from the L0 pager in [`PAGER`], its L2 guests run on shadow EPTs, and the report carries
+    /// [`NESTED_REPORT_WORDS`] extra words.
+    pub const FLAG_NESTED: u64 = 1 << 1;
     /// Most vCPUs per guest.
     pub const MAX_VCPUS: u64 = 8;
 
@@ -563,6 +589,37 @@ pub mod protocol {
     pub const R_PAGES: usize = 11;
     /// Of the VMM's share of a demand fault, the `EptMap` call (median).
     pub const R_VMM_EPT_MAP: usize = 12;
+
+    /// A nested guest's report: the [`REPORT_WORDS`] above (the plain guest's meaning; the
+    /// demand faults are those the L0 pager provided for L1 itself), then its first
+    /// [`NESTED_RESULTS`] results (port 0xf5, `u64::MAX` for none), then for each of
+    /// [`NESTED_MAX_VCPUS`] vCPUs [`NESTED_VCPU_WORDS`] words from [`nested_vcpu_word`]: the
+    /// L2 EPT violations fixed in the vEPT, reflected to L1, passed to the L0 pager, the
+    /// reflected EPT misconfigurations, the shadow faults fixed (port 0xf7), the L2 exits
+    /// reflected to L1 (all reasons), the L1 VMX-instruction exits emulated, the L2 exits L0
+    /// handled itself.
+    pub const NESTED_RESULTS: usize = 8;
+    pub const NESTED_MAX_VCPUS: usize = 4;
+    pub const NESTED_VCPU_WORDS: usize = 8;
+    pub const NESTED_REPORT_WORDS: usize =
+        REPORT_WORDS + NESTED_RESULTS + NESTED_MAX_VCPUS * NESTED_VCPU_WORDS;
+    /// Per-vCPU counters of a nested report.
+    pub const N_FIXED: usize = 0;
+    pub const N_REFLECTED: usize = 1;
+    pub const N_PAGER: usize = 2;
+    pub const N_MISCONFIGURATIONS: usize = 3;
+    pub const N_SHADOW_FAULTS: usize = 4;
+    pub const N_L2_EXITS_REFLECTED: usize = 5;
+    pub const N_L1_VMX_EXITS: usize = 6;
+    pub const N_L2_EXITS_L0: usize = 7;
+    /// Index of result `i` of a nested report.
+    pub const fn nested_result_word(i: usize) -> usize {
+        REPORT_WORDS + i
+    }
+    /// Index of counter `counter` (`N_*`) of vCPU `vcpu` in a nested report.
+    pub const fn nested_vcpu_word(vcpu: usize, counter: usize) -> usize {
+        REPORT_WORDS + NESTED_RESULTS + vcpu * NESTED_VCPU_WORDS + counter
+    }
 
     /// What the guest is asked to do (RUN word 2; the guest gets it in RSI bits 15:8).
     #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -116,24 +116,42 @@ const INITIAL_STATE: StateMask = StateMask::GPRS
 pub struct Request {
     pub image_size: u64,
     pub vcpus: u64,
+    /// The plain guest's mode (`Mode::Checks` for a nested guest).
     pub mode: Mode,
+    /// The mode as requested: a nested guest's (an L1 hypervisor's own modes, 0 to 255).
+    pub mode_code: u64,
     pub migrate: bool,
+    /// An L1 hypervisor (`protocol::FLAG_NESTED`).
+    pub nested: bool,
     pub cpus: u64,
 }
 
 impl Request {
     pub fn decode(msg: &Message) -> Result<Self, Status> {
-        let [image_size, vcpus, mode, flags] = msg.words;
-        let mode = Mode::from_code(mode).ok_or(Status::InvalidArgument)?;
+        let [image_size, vcpus, mode_code, flags] = msg.words;
+        let nested = flags & protocol::FLAG_NESTED != 0;
+        let (mode, max_vcpus) = if nested {
+            if mode_code > 0xff {
+                return Err(Status::InvalidArgument);
+            }
+            (Mode::Checks, protocol::NESTED_MAX_VCPUS as u64)
+        } else {
+            let mode = Mode::from_code(mode_code).ok_or(Status::InvalidArgument)?;
+            (mode, protocol::MAX_VCPUS)
+        };
         let cpus = (flags >> 8) & 0xff;
-        if vcpus == 0 || vcpus > protocol::MAX_VCPUS || cpus == 0 || image_size == 0 {
+        let known = protocol::FLAG_MIGRATE | protocol::FLAG_NESTED | (0xff << 8);
+        if vcpus == 0 || vcpus > max_vcpus || cpus == 0 || image_size == 0 || flags & !known != 0
+        {
             return Err(Status::InvalidArgument);
         }
         Ok(Self {
             image_size,
             vcpus,
             mode,
+            mode_code,
             migrate: flags & protocol::FLAG_MIGRATE != 0,
+            nested,
             cpus,
         })
     }
@@ -143,7 +161,8 @@ impl Request {
 #[derive(Clone, Copy, Debug)]
 pub struct Report {
     pub words: [u64; 4],
-    pub extra: [u64; protocol::REPORT_WORDS],
+    /// `protocol::REPORT_WORDS` words (`NESTED_REPORT_WORDS` for a nested guest).
+    pub extra: Vec<u64>,
 }
 
 #[derive(Debug)]
@@ -265,28 +284,13 @@ impl Guest {
     /// The GDT page, the page tables and the stacks, zeroed and filled in, then mapped.
     fn map_system_pages(&mut self, ram: &mut Ram, pool: &mut u64) -> Result<(), Status> {
         let system = self.new_page(ram, pool, layout::SYSTEM)?;
-        let tss = layout::TSS;
-        let tss_low = u64::from(TSS_LIMIT)
-            | ((tss & 0xff_ffff) << 16)
-            | (u64::from(AR_TSS_BUSY) << 40)
-            | (((tss >> 24) & 0xff) << 56);
-        for (i, entry) in [0, GDT_CODE64, GDT_DATA, tss_low, tss >> 32]
-            .into_iter()
-            .enumerate()
-        {
+        for (i, entry) in gdt_words().into_iter().enumerate() {
             ram.write_word(system, i, entry);
         }
-        let pml4 = self.new_page(ram, pool, layout::PML4)?;
-        let pdpt_gpa = layout::PML4 + PAGE_SIZE;
-        let pdpt = self.new_page(ram, pool, pdpt_gpa)?;
-        ram.write_word(pml4, 0, pdpt_gpa | 0b11);
-        for gib in 0..4u64 {
-            let pd_gpa = pdpt_gpa + (1 + gib) * PAGE_SIZE;
-            let pd = self.new_page(ram, pool, pd_gpa)?;
-            ram.write_word(pdpt, gib as usize, pd_gpa | 0b11);
-            // Present, writable, 2 MiB page (PS).
-            for entry in 0..512 {
-                ram.write_word(pd, entry as usize, ((gib * 512 + entry) << 21) | 0x83);
+        for (gpa, table) in identity_tables() {
+            let page = self.new_page(ram, pool, gpa)?;
+            for (i, entry) in table.into_iter().enumerate().filter(|&(_, e)| e != 0) {
+                ram.write_word(page, i, entry);
             }
         }
         let stack_pages = self.request.vcpus * layout::STACK_SIZE / PAGE_SIZE;
@@ -330,64 +334,15 @@ impl Guest {
         vmx::vcpu_write_state(selector, &self.initial_state(index, &current))
     }
 
-    /// The 64-bit state a vCPU starts in: long mode with paging on the identity tables, flat
-    /// segments from the VMM's GDT, a busy TSS in TR, interrupts off, RIP at the entry point,
-    /// RSP at the top of its stack, RDI its index, RSI the vCPU count | mode << 8.
+    /// The 64-bit state a vCPU starts in ([`boot_state`]): RSI the vCPU count | mode << 8.
     fn initial_state(&self, index: u32, current: &ExitMessage) -> Reply {
-        let index64 = u64::from(index);
-        let mut s = GuestState::default();
-        s.gprs.rdi = index64;
-        s.gprs.rsi = self.request.vcpus | ((self.request.mode as u64) << 8);
-        s.rip = self.executable.entry;
-        s.rsp = layout::STACKS + (index64 + 1) * layout::STACK_SIZE;
-        s.rflags = RFLAGS_RESERVED;
-        s.cr0 = match self.request.mode {
+        let cr0 = match self.request.mode {
             // Paging without protection: VM entry refuses it (SDM Vol. 3C §27.3.1.1).
             Mode::InvalidState => CR0 & !CR0_PE,
             _ => CR0,
         };
-        s.cr3 = layout::PML4;
-        s.cr4 = CR4 | CR4_VMXE;
-        s.dr7 = 0x400;
-        let flat = |selector: u16, ar: u16| Segment {
-            selector,
-            ar,
-            limit: 0xffff_ffff,
-            base: 0,
-        };
-        let data = flat(layout::DATA_SELECTOR, AR_DATA);
-        s.cs = flat(layout::CODE_SELECTOR, AR_CODE64);
-        (s.es, s.ss, s.ds, s.fs) = (data, data, data, data);
-        s.gs = Segment {
-            base: layout::PER_VCPU + index64 * layout::PER_VCPU_SIZE,
-            ..data
-        };
-        s.ldtr = Segment {
-            ar: Segment::UNUSABLE,
-            ..Segment::default()
-        };
-        s.tr = Segment {
-            selector: layout::TSS_SELECTOR,
-            ar: AR_TSS_BUSY,
-            limit: TSS_LIMIT,
-            base: layout::TSS,
-        };
-        s.gdtr = DescriptorTable {
-            base: layout::SYSTEM,
-            limit: GDT_LIMIT,
-        };
-        s.idtr = DescriptorTable::default();
-        s.efer = devices::EFER_LME | devices::EFER_LMA;
-        s.pat = PAT_DEFAULT;
-        let mut c = current.state.controls;
-        c.entry |= EntryControls::IA32E_MODE_GUEST;
-        c.primary |=
-            ProcessorBasedControls::HLT_EXITING | ProcessorBasedControls::USE_TSC_OFFSETTING;
-        c.primary -= ProcessorBasedControls::RDTSC_EXITING;
-        c.cr4_guest_host_mask |= CR4_VMXE;
-        c.cr4_read_shadow = CR4;
-        s.controls = c;
-        Reply::with_state(ResumeAction::Resume, INITIAL_STATE, s)
+        let rsi = self.request.vcpus | ((self.request.mode as u64) << 8);
+        boot_state(index, rsi, self.executable.entry, cr0, current)
     }
 
     fn prefix(&self, index: u32) -> Prefix {
@@ -882,7 +837,7 @@ impl Guest {
         extra[protocol::R_PAGES] = ram.used();
         Report {
             words: [self.number, outcome as u64, detail, interrupts],
-            extra,
+            extra: extra.to_vec(),
         }
     }
 
@@ -926,6 +881,97 @@ impl Guest {
         }
         result
     }
+}
+
+/// The 64-bit state a vCPU of a guest laid out as `rt::vmx::protocol::layout` says starts in:
+/// long mode with paging on the identity tables at `layout::PML4`, flat segments from the
+/// GDT at `layout::SYSTEM`, a busy TSS in TR, interrupts off, RIP at `entry`, RSP at the top of
+/// its stack, RDI its index, RSI `rsi`, CR0 `cr0`, CR4.VMXE owned by the VMM and hidden (read
+/// shadow), HLT exiting and TSC offsetting on. `current` carries the vCPU's controls as the
+/// kernel reported them (its bits are echoed).
+pub fn boot_state(index: u32, rsi: u64, entry: u64, cr0: u64, current: &ExitMessage) -> Reply {
+    let index64 = u64::from(index);
+    let mut s = GuestState::default();
+    s.gprs.rdi = index64;
+    s.gprs.rsi = rsi;
+    s.rip = entry;
+    s.rsp = layout::STACKS + (index64 + 1) * layout::STACK_SIZE;
+    s.rflags = RFLAGS_RESERVED;
+    s.cr0 = cr0;
+    s.cr3 = layout::PML4;
+    s.cr4 = CR4 | CR4_VMXE;
+    s.dr7 = 0x400;
+    let flat = |selector: u16, ar: u16| Segment {
+        selector,
+        ar,
+        limit: 0xffff_ffff,
+        base: 0,
+    };
+    let data = flat(layout::DATA_SELECTOR, AR_DATA);
+    s.cs = flat(layout::CODE_SELECTOR, AR_CODE64);
+    (s.es, s.ss, s.ds, s.fs) = (data, data, data, data);
+    s.gs = Segment {
+        base: layout::PER_VCPU + index64 * layout::PER_VCPU_SIZE,
+        ..data
+    };
+    s.ldtr = Segment {
+        ar: Segment::UNUSABLE,
+        ..Segment::default()
+    };
+    s.tr = Segment {
+        selector: layout::TSS_SELECTOR,
+        ar: AR_TSS_BUSY,
+        limit: TSS_LIMIT,
+        base: layout::TSS,
+    };
+    s.gdtr = DescriptorTable {
+        base: layout::SYSTEM,
+        limit: GDT_LIMIT,
+    };
+    s.idtr = DescriptorTable::default();
+    s.efer = devices::EFER_LME | devices::EFER_LMA;
+    s.pat = PAT_DEFAULT;
+    let mut c = current.state.controls;
+    c.entry |= EntryControls::IA32E_MODE_GUEST;
+    c.primary |= ProcessorBasedControls::HLT_EXITING | ProcessorBasedControls::USE_TSC_OFFSETTING;
+    c.primary -= ProcessorBasedControls::RDTSC_EXITING;
+    c.cr4_guest_host_mask |= CR4_VMXE;
+    c.cr4_read_shadow = CR4;
+    s.controls = c;
+    Reply::with_state(ResumeAction::Resume, INITIAL_STATE, s)
+}
+
+/// The GDT entries of `layout::SYSTEM` (null, 64-bit code, data, the TSS's two words).
+pub fn gdt_words() -> [u64; 5] {
+    let tss = layout::TSS;
+    let tss_low = u64::from(TSS_LIMIT)
+        | ((tss & 0xff_ffff) << 16)
+        | (u64::from(AR_TSS_BUSY) << 40)
+        | (((tss >> 24) & 0xff) << 56);
+    [0, GDT_CODE64, GDT_DATA, tss_low, tss >> 32]
+}
+
+/// The identity page tables of `layout::PML4` (0 to 4 GiB, 2 MiB pages): the PML4, the PDPT
+/// and four page directories, each with its guest-physical address.
+pub fn identity_tables() -> impl Iterator<Item = (u64, [u64; 512])> {
+    let pdpt_gpa = layout::PML4 + PAGE_SIZE;
+    let mut pml4 = [0; 512];
+    pml4[0] = pdpt_gpa | 0b11;
+    let mut pdpt = [0; 512];
+    for (gib, entry) in pdpt.iter_mut().enumerate().take(4) {
+        *entry = (pdpt_gpa + (1 + gib as u64) * PAGE_SIZE) | 0b11;
+    }
+    let directories = (0..4u64).map(move |gib| {
+        let mut pd = [0; 512];
+        for (i, entry) in pd.iter_mut().enumerate() {
+            // Present, writable, 2 MiB page (PS).
+            *entry = ((gib * 512 + i as u64) << 21) | 0x83;
+        }
+        (pdpt_gpa + (1 + gib) * PAGE_SIZE, pd)
+    });
+    [(layout::PML4, pml4), (pdpt_gpa, pdpt)]
+        .into_iter()
+        .chain(directories)
 }
 
 /// Writes `reply` for the answer to the current exit.

@@ -48,10 +48,12 @@
 //! L1* (violation, exit 48, or misconfiguration, exit 49) or *passed to L0*. For the last, the
 //! VMM calls the pager's PROVIDE for the L1 page the engine names and dispatches again (up
 //! to [`PROVIDE_ROUNDS`] times: L1's table page, then the data page), and reports what the
-//! retry gave. A walk served cached lines that ends in a misconfiguration or a pass to L0 is
-//! repeated with fresh reads first (a processor never caches a misconfigured entry; the
-//! pager's counts must be exact). Reflected violations from stale present entries are the
-//! spurious violations the SDM allows when L1 changed an entry without INVEPT.
+//! retry gave. A walk served cached lines that ends in a misconfiguration, in a violation of a
+//! present translation (too few rights) or in a pass to L0 is repeated with fresh reads
+//! first: a processor never caches a misconfigured entry, L1 may have granted more rights
+//! without INVEPT (the SDM would allow the spurious violation, but it costs L1 an exit), and
+//! the pager's counts must be exact. A walk that ends at a not-present entry never needs it:
+//! the cache never serves a not-present entry from an earlier walk.
 //!
 //! # Migration
 //! Nothing here depends on a physical CPU. The kernel's `VcpuSetAffinity` flushes a moved
@@ -795,10 +797,15 @@ impl Nested {
         let first = self
             .engine
             .handle_ept_violation(&mut self.backend, id, gpa, qualification)?;
-        let refresh = matches!(
-            first,
-            Dispatch::PassToL0 { .. } | Dispatch::ReflectToL1(L1Exit::EptMisconfiguration { .. })
-        );
+        let refresh = match first {
+            Dispatch::Fixed { .. } => false,
+            Dispatch::PassToL0 { .. }
+            | Dispatch::ReflectToL1(L1Exit::EptMisconfiguration { .. }) => true,
+            // Too few rights in a present translation: L1 may have granted more since.
+            Dispatch::ReflectToL1(L1Exit::EptViolation { qualification, .. }) => {
+                !qualification.entry_rights().is_empty()
+            }
+        };
         let dispatch = if refresh && self.backend.cache.borrow().used_earlier_lines() {
             self.backend.cache.borrow_mut().forget_used();
             self.backend.cache.borrow_mut().begin();
@@ -990,12 +997,12 @@ impl Nested {
         Ok(())
     }
 
-    /// Takes up to `pages` pages back from the shadows' kernel pools into the reserve,
-    /// evicting shadow regions as the engine sees fit. Returns how many came back.
-    pub fn shrink_pool(&mut self, pages: usize) -> Result<usize, NestedError> {
-        self.engine
-            .shrink_pool(&mut self.backend, pages)
-            .map_err(NestedError::Engine)
+    /// Takes up to `pages` free pages back from the shadows' kernel pools (emptied shadows
+    /// first) into the reserve. Returns how many came back. Not `Engine::shrink_pool`: it
+    /// evicts until enough pages come back, and since the kernel frees no table page on
+    /// unmap, eviction returns none — it would empty every shadow for nothing.
+    pub fn shrink_pool(&mut self, pages: usize) -> usize {
+        self.backend.reclaim(pages as u64, true) as usize
     }
 
     /// Reads L1 guest-physical memory from `l1_gpa` (8-byte aligned) through L1's EPT.

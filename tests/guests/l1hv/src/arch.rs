@@ -193,7 +193,7 @@ global_asm!(
 //
 // A VM exit loads HOST_RSP (pointing at the saved `regs`) and jumps to `l1hv_vm_exit`
 // (HOST_RIP), which stores L2's GPRs, restores L1's registers and returns 0 from
-// `l1hv_vm_run`. The exit loaded RFLAGS = 2 (SDM §28.5.3): interrupts stay disabled in L1.
+// `l1hv_vm_run`. The exit loaded RFLAGS = 2 (SDM §28.5): interrupts stay disabled in L1.
 global_asm!(
     ".pushsection .text.l1hv_vm, \"ax\", @progbits",
     ".balign 16",

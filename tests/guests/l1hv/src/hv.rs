@@ -624,7 +624,8 @@ impl Hypervisor {
             w.violations += 1;
         }
         if self.ept.translate(page).is_some() {
-            // Mapped already (on hardware, not-present entries are not cached, §29.4.2): retry.
+            // Mapped already (processors cache no translation for a not-present entry, §29.4):
+            // let L2 retry.
             return Ok(());
         }
         let l1_page = match window.backing {
@@ -643,7 +644,7 @@ impl Hypervisor {
     }
 
     /// An EPT misconfiguration: expected only at the armed page (mode 2), whose entry L1 then
-    /// repairs (and invalidates, §29.4.3.1) before resuming L2.
+    /// repairs (and invalidates, §29.4.3) before resuming L2.
     fn misconfiguration(&mut self, gpa: u64) -> Result<(), u32> {
         match self.misconfigured.take() {
             Some((page, slot, good)) if gpa & !(PAGE - 1) == page => {

@@ -6,12 +6,12 @@
 //! address, 0xf7 shadow faults, 0xe0 requests).
 
 use crate::arch;
+use crate::l2_println;
 use crate::layout::{
     self, BENCH_SAMPLES, BENCH_WARM_UP, L0_PAGES, LARGE_FAULT_LIMIT, LARGE_PAGE, LARGE_PAGES,
     LAZY_PAGES, MIGRATION_QUERIES, PAGE, UP_FRONT_PAGES, fail, l1_pattern, l2, leaf, mode,
     pager_pattern, port, request,
 };
-use crate::println;
 
 /// L2's entry (from `l1hv_l2_entry`): RDI = vCPU index, RSI = mode, RDX = vCPU count. Ends by
 /// writing 0 (PASS) or the failed check to port 0xf4, which ends L2 for L1.
@@ -39,7 +39,7 @@ fn check_page(page: u64, code: u32, expected: impl Fn(u64) -> u64) -> Result<(),
         let value = arch::l2_read(address);
         let want = expected(address);
         if value != want {
-            println!("{address:#x}: {value:#x}, expected {want:#x} (check {code})");
+            l2_println!("{address:#x}: {value:#x}, expected {want:#x} (check {code})");
             return Err(code);
         }
     }
@@ -128,7 +128,7 @@ fn large() -> Result<u64, u32> {
             let address = layout::large_word(page, small);
             let value = arch::l2_read(address);
             if value != l1_pattern(address, 0) {
-                println!("{address:#x}: {value:#x} (check {})", fail::LARGE);
+                l2_println!("{address:#x}: {value:#x} (check {})", fail::LARGE);
                 return Err(fail::LARGE);
             }
         }
@@ -199,7 +199,7 @@ fn time_reads(
         let value = arch::l2_read(address);
         let end = arch::rdtsc();
         if value != l1_pattern(address, 0) {
-            println!("{address:#x}: {value:#x} (check {code})");
+            l2_println!("{address:#x}: {value:#x} (check {code})");
             return Err(code);
         }
         if let Some(sample) = i.checked_sub(BENCH_WARM_UP) {

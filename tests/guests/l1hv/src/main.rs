@@ -53,6 +53,7 @@ mod memory;
 mod vmx;
 
 use core::fmt::{self, Write};
+use core::sync::atomic::{AtomicBool, Ordering};
 
 use layout::{fail, mode, port};
 
@@ -70,8 +71,40 @@ impl Write for Serial {
     }
 }
 
+/// Serializes L1's lines between vCPUs (L2 never takes it: it shares this image, and its
+/// lines reach the serial port through L1 whole).
+static PRINT_LOCK: AtomicBool = AtomicBool::new(false);
+
+/// Writes one line for L1, whole (after waiting a bounded time for another vCPU's line).
+pub fn print_line(args: fmt::Arguments<'_>) {
+    let mut owned = false;
+    for _ in 0..1u32 << 24 {
+        if PRINT_LOCK
+            .compare_exchange_weak(false, true, Ordering::Acquire, Ordering::Relaxed)
+            .is_ok()
+        {
+            owned = true;
+            break;
+        }
+        core::hint::spin_loop();
+    }
+    let _ = writeln!(Serial, "{args}");
+    if owned {
+        PRINT_LOCK.store(false, Ordering::Release);
+    }
+}
+
+/// A line from L1.
 #[macro_export]
 macro_rules! println {
+    ($($arg:tt)*) => {
+        $crate::print_line(format_args!($($arg)*))
+    };
+}
+
+/// A line from L2 (to its serial port, which L1 intercepts and forwards line by line).
+#[macro_export]
+macro_rules! l2_println {
     ($($arg:tt)*) => {{
         use core::fmt::Write as _;
         let _ = writeln!($crate::Serial, $($arg)*);

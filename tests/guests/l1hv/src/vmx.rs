@@ -1,5 +1,5 @@
-//! VMX operation for L1, as the SDM describes it for any hypervisor: discovery and control
-//! negotiation (Vol. 3C §24.6-24.8, Vol. 3D Appendix A), VMXON, VMCS field access with its
+//! VMX operation for L1, as the SDM describes it for any hypervisor: discovery, enabling and
+//! control negotiation (Vol. 3C §24.6-24.8, Vol. 3D Appendix A), VMXON, VMCS field access with its
 //! VMfail results (Vol. 3C §31.2), and the contents of L2's VMCS (Vol. 3C chapter 25) chosen to
 //! pass the VM-entry checks of Vol. 3C chapter 27.
 
@@ -239,7 +239,7 @@ impl Vmx {
         })
     }
 
-    /// Enters VMX operation (SDM Vol. 3C §24.8): CR0 and CR4 with their fixed bits and
+    /// Enters VMX operation (SDM Vol. 3C §24.7-24.8): CR0 and CR4 with their fixed bits and
     /// CR4.VMXE, the VMXON region stamped with the revision identifier, VMXON.
     pub fn enable(&self, vmxon_region: u64) -> Result<(), u32> {
         let cr0 = arch::read_cr0();

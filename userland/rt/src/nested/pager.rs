@@ -15,7 +15,7 @@
 //!
 //! | pager slot | capability | rights |
 //! |---:|---|---|
-//! | [`BACKED`] | memory for the backed region: `2^order` pages, its size is `backed_end` | all (READ, WRITE, EXECUTE, MAP, DELEGATE) |
+//! | [`BACKED`] | memory for the backed region: `2^order` pages, its size is `backed_end` | READ, WRITE, EXECUTE, MAP |
 //! | [`FRAMES`] | memory for on-demand pages: each provided page takes one of its pages | READ, WRITE, MAP |
 //! | [`POOL`] | memory donated to L1's EPT object for its tables and mapping records (16 pages leave room: 3 tables for the backed region in 2 MiB pages, one per 2 MiB of on-demand memory touched, 64 bytes per mapping) | WRITE, DELEGATE |
 //!

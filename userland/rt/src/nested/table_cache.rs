@@ -21,9 +21,10 @@
 //!    L1 — drops the lines of that range ([`TableCache::forget_range`]).
 //!
 //! The caller also learns whether a walk was served any line fetched before it
-//! ([`TableCache::used_earlier_lines`]), to repeat a walk that ended in an EPT
-//! misconfiguration (a processor never caches a misconfigured entry) or in a pass to L0 (the
-//! pager's counts must be exact) with fresh reads.
+//! ([`TableCache::used_earlier_lines`]), to repeat with fresh reads a walk that ended in an
+//! EPT misconfiguration (a processor never caches a misconfigured entry), in too few rights
+//! (L1 may have granted more without INVEPT) or in a pass to L0 (the pager's counts must be
+//! exact).
 
 use alloc::vec;
 use alloc::vec::Vec;
