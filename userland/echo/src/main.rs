@@ -10,7 +10,8 @@
 use abi::Status;
 use rt::layout::CHILD_SERVICE_ENDPOINT as ENDPOINT;
 use rt::protocol::{
-    BENCH, ECHO, ECHO_RECEIVE_SLOT, ERROR, IO_PROBE, LAST_SUM, MAP_AND_SUM, READ_AGAIN, SUM_UTCB,
+    BENCH, ECHO, ECHO_RECEIVE_SLOT, ERROR, IO_PROBE, LAST_SUM, MAP_AND_SUM, READ_AGAIN, SSE,
+    SUM_UTCB,
 };
 use rt::sys::{self, MapRights};
 use rt::{Mapping, Message, utcb};
@@ -118,6 +119,13 @@ impl Server {
                 return (Message::new(READ_AGAIN, [vaddr, 0, 0, 0]), Then::ReadAgain);
             }
             LAST_SUM => Message::new(LAST_SUM, [self.last_sum, 0, 0, 0]),
+            SSE => {
+                // Load a pattern, let other threads run (the caller is the one woken by the
+                // reply; a Yield switches too), and check the pattern is still there.
+                rt::set_sse_pattern(w[0]);
+                let _ = sys::yield_now();
+                Message::new(SSE, [u64::from(rt::sse_pattern_holds(w[0])), 0, 0, 0])
+            }
             IO_PROBE => {
                 let port = w[0] as u16;
                 return (

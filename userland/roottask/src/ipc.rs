@@ -10,7 +10,7 @@ use abi::{
 };
 use alloc::vec::Vec;
 use rt::protocol::{
-    ECHO, ECHO_RECEIVE_SLOT, IO_PROBE, LAST_SUM, MAP_AND_SUM, READ_AGAIN, SUM_UTCB,
+    ECHO, ECHO_RECEIVE_SLOT, IO_PROBE, LAST_SUM, MAP_AND_SUM, READ_AGAIN, SSE, SUM_UTCB,
 };
 use rt::sys::{self, MapRights};
 use rt::{Message, Selector, utcb};
@@ -41,6 +41,9 @@ pub fn run(mem: &mut Memory) -> Outcome<()> {
     let echo2 = spawn(mem, "echo", fault)?;
     call_and_reply(&echo2)?;
     log::info!("second echo server: ok");
+    sse_state(&echo2)?;
+    log::info!("SSE state of two threads across IPC switches: ok");
+
     malformed::run(mem, &echo2)?;
 
     // I/O ports, on a third server (the test kills it at the end).
@@ -100,6 +103,28 @@ fn io_ports(mem: &mut Memory, echo: &Child, fault: Selector) -> Outcome<()> {
     probe("after revocation")?;
     expect_gp("IN after revocation")?;
     sys::reply(&Message::new(FAULT_KILL, [0; 4])).context("Reply FAULT_KILL")?;
+    Ok(())
+}
+
+/// The FPU/SSE state of threads survives switches: the root task and the server each load
+/// their own pattern into XMM0-15 and switch back and forth by IPC several times.
+fn sse_state(echo: &Child) -> Outcome<()> {
+    const MINE: u64 = 0x5a5a_0000_1234_5678;
+    for round in 0..4u64 {
+        rt::set_sse_pattern(MINE ^ round);
+        let theirs = 0xa5a5_0000_8765_4321 ^ round;
+        let reply =
+            sys::call(echo.endpoint, &Message::new(SSE, [theirs, 0, 0, 0])).context("Call SSE")?;
+        ensure!(reply.label() == SSE, "SSE: label {:#x}", reply.label());
+        ensure!(
+            reply.words[0] == 1,
+            "the server's SSE registers changed across a switch"
+        );
+        ensure!(
+            rt::sse_pattern_holds(MINE ^ round),
+            "the root task's SSE registers changed across IPC (round {round})"
+        );
+    }
     Ok(())
 }
 

@@ -58,6 +58,34 @@ pub fn inb(port: u16) -> u8 {
     value
 }
 
+/// Loads `pattern ^ i` into the low quadword of XMMi (i = 0..16). The runtime is compiled
+/// soft-float, so nothing else touches these registers: they keep their values unless the
+/// kernel loses them across a thread switch.
+pub fn set_sse_pattern(pattern: u64) {
+    macro_rules! load {
+        ($($n:literal),*) => {$(
+            // SAFETY: writes one XMM register, which compiled code never uses (soft-float).
+            unsafe { asm!(concat!("movq xmm", $n, ", {}"), in(reg) pattern ^ $n, options(nomem, nostack, preserves_flags)) };
+        )*};
+    }
+    load!(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+}
+
+/// Whether XMM0..XMM15 still hold what `set_sse_pattern(pattern)` put there.
+pub fn sse_pattern_holds(pattern: u64) -> bool {
+    let mut ok = true;
+    macro_rules! check {
+        ($($n:literal),*) => {$(
+            let v: u64;
+            // SAFETY: reads one XMM register into a general register; no memory access.
+            unsafe { asm!(concat!("movq {}, xmm", $n), out(reg) v, options(nomem, nostack, preserves_flags)) };
+            ok &= v == pattern ^ $n;
+        )*};
+    }
+    check!(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    ok
+}
+
 pub fn rdtsc() -> u64 {
     let low: u32;
     let high: u32;
