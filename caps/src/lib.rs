@@ -31,7 +31,7 @@ pub use derivation::{
 pub use error::CapError;
 pub use object::{Cap, Capability, ObjectKind, ObjectType};
 pub use rights::{
-    EndpointRights, EptRights, IoPortRights, MemoryRights, NotificationRights,
+    EndpointRights, EptRights, InterruptRights, IoPortRights, MemoryRights, NotificationRights,
     ProtectionDomainRights, ThreadRights, VcpuRights,
 };
 pub use space::{CapSpace, CapSystem, RemovedCap, Slot};

@@ -3,7 +3,7 @@
 use crate::derivation::NodeId;
 use crate::error::CapError;
 use crate::rights::{
-    EndpointRights, EptRights, IoPortRights, MemoryRights, NotificationRights,
+    EndpointRights, EptRights, InterruptRights, IoPortRights, MemoryRights, NotificationRights,
     ProtectionDomainRights, ThreadRights, VcpuRights,
 };
 use bitflags::Flags;
@@ -29,11 +29,13 @@ pub enum ObjectKind {
     Ept = 7,
     /// A range of I/O ports.
     IoPorts = 8,
+    /// A range of interrupt lines (global system interrupts).
+    Interrupts = 9,
 }
 
 impl ObjectKind {
     /// Every kind, in code order.
-    pub const ALL: [ObjectKind; 8] = [
+    pub const ALL: [ObjectKind; 9] = [
         Self::ProtectionDomain,
         Self::Thread,
         Self::Endpoint,
@@ -42,6 +44,7 @@ impl ObjectKind {
         Self::Vcpu,
         Self::Ept,
         Self::IoPorts,
+        Self::Interrupts,
     ];
 
     /// Stable numeric code (also the `kind` of `NodeKey::Object`); 0 is never a kind.
@@ -70,6 +73,7 @@ impl ObjectKind {
             Self::Vcpu => VcpuRights::all().bits(),
             Self::Ept => EptRights::all().bits(),
             Self::IoPorts => IoPortRights::all().bits(),
+            Self::Interrupts => InterruptRights::all().bits(),
         }
     }
 }
@@ -112,6 +116,8 @@ object_types! {
     Ept => EptRights;
     /// Marker for I/O-port capabilities.
     IoPorts => IoPortRights;
+    /// Marker for interrupt capabilities.
+    Interrupts => InterruptRights;
 }
 
 /// A validated, typed capability: an object of kind `T` and the rights held on it.

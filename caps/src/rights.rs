@@ -124,3 +124,12 @@ bitflags! {
         const DELEGATE = 1 << 1;
     }
 }
+
+bitflags! {
+    /// Rights on a range of interrupt lines.
+    #[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+    pub struct InterruptRights: u32 {
+        /// Route a line to a notification, and acknowledge it.
+        const BIND = 1 << 0;
+    }
+}

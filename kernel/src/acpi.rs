@@ -9,6 +9,12 @@ pub struct Madt {
     pub local_apic_address: u64,
     pub apic_ids: [u32; MAX_APICS],
     pub count: usize,
+    /// I/O APICs: (MMIO address, first global system interrupt).
+    pub ioapics: [(u32, u32); 4],
+    pub ioapic_count: usize,
+    /// Interrupt source overrides: (ISA IRQ, global system interrupt, MPS INTI flags).
+    pub overrides: [(u8, u32, u16); 16],
+    pub override_count: usize,
 }
 
 #[derive(Debug)]
@@ -71,6 +77,10 @@ pub fn madt(rsdt: Option<u64>, xsdt: Option<u64>) -> Result<Madt, AcpiError> {
         local_apic_address: u64::from(le_u32(t, 36).ok_or(AcpiError::BadTable("MADT"))?),
         apic_ids: [0; MAX_APICS],
         count: 0,
+        ioapics: [(0, 0); 4],
+        ioapic_count: 0,
+        overrides: [(0, 0, 0); 16],
+        override_count: 0,
     };
     let mut off = 44;
     while off + 2 <= t.len() {
@@ -85,6 +95,24 @@ pub fn madt(rsdt: Option<u64>, xsdt: Option<u64>) -> Result<Madt, AcpiError> {
             0 if len >= 8 => Some((u32::from(e[3]), le_u32(e, 4).unwrap_or(0))),
             // Processor Local x2APIC: reserved u16, x2APIC ID u32, flags u32, uid u32.
             9 if len >= 16 => Some((le_u32(e, 4).unwrap_or(0), le_u32(e, 8).unwrap_or(0))),
+            // I/O APIC: id u8, reserved u8, address u32, GSI base u32.
+            1 if len >= 12 => {
+                if out.ioapic_count < out.ioapics.len() {
+                    out.ioapics[out.ioapic_count] =
+                        (le_u32(e, 4).unwrap_or(0), le_u32(e, 8).unwrap_or(0));
+                    out.ioapic_count += 1;
+                }
+                None
+            }
+            // Interrupt Source Override: bus u8, source u8, GSI u32, flags u16.
+            2 if len >= 10 => {
+                if out.override_count < out.overrides.len() {
+                    let flags = u16::from_le_bytes([e[8], e[9]]);
+                    out.overrides[out.override_count] = (e[3], le_u32(e, 4).unwrap_or(0), flags);
+                    out.override_count += 1;
+                }
+                None
+            }
             // Local APIC Address Override.
             5 if len >= 12 => {
                 out.local_apic_address = le_u64(e, 4).unwrap_or(out.local_apic_address);

@@ -431,8 +431,18 @@ extern "C" fn trap_dispatch(frame: &mut TrapFrame) {
         }
         v if v == VECTOR_RESCHEDULE as u64 => crate::apic::eoi(),
         v if v == VECTOR_SPURIOUS as u64 => {}
+        v if is_device_vector(v) => {
+            crate::sched::device_interrupt((v - u64::from(IRQ_VECTOR_BASE)) as u32)
+        }
         _ => crate::apic::eoi(),
     }
+}
+
+use crate::ioapic::IRQ_VECTOR_BASE;
+
+fn is_device_vector(v: u64) -> bool {
+    v >= u64::from(IRQ_VECTOR_BASE)
+        && v < u64::from(IRQ_VECTOR_BASE) + u64::from(crate::ioapic::MAX_GSI)
 }
 
 /// Called by `trap_common` for a trap taken in user mode; `frame` is the current thread's
@@ -455,6 +465,10 @@ extern "C" fn trap_from_user(frame: &mut TrapFrame) {
         }
         v if v == VECTOR_RESCHEDULE as u64 => {
             crate::apic::eoi();
+            crate::sched::reschedule_ipi();
+        }
+        v if is_device_vector(v) => {
+            crate::sched::device_interrupt((v - u64::from(IRQ_VECTOR_BASE)) as u32);
             crate::sched::reschedule_ipi();
         }
         v if v == VECTOR_SPURIOUS as u64 => {}

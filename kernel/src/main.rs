@@ -13,6 +13,7 @@ mod entry;
 mod ept_space;
 mod fpu;
 mod hw;
+mod ioapic;
 mod memory;
 mod paging;
 mod percpu;
@@ -103,6 +104,7 @@ extern "C" fn kernel_main(magic: u32, info_addr: u32) -> ! {
             let t = boot::TRAMPOLINE_BASE;
             let conflict = info.info_range.start < t + 4096 && t < info.info_range.end
                 || info.modules().any(|m| m.start < t + 4096 && t < m.end);
+            ioapic::init(&madt);
             let started = smp::start_aps(&madt, conflict);
             log::debug!("smp: {started} application processors started");
             madt.count.min(percpu::MAX_CPUS)

@@ -143,6 +143,16 @@ pub fn create(info: &BootInfo) -> Result<u32, RootError> {
             all(ObjectKind::Thread),
         )
         .map_err(|_| RootError::OutOfMemory)?;
+    let lines = k.create_interrupts(0, crate::ioapic::MAX_GSI);
+    k.caps
+        .create(
+            0,
+            abi::ROOT_INTERRUPTS,
+            ObjectKind::Interrupts,
+            lines,
+            all(ObjectKind::Interrupts),
+        )
+        .map_err(|_| RootError::OutOfMemory)?;
     let ports = k.create_io_ports(0, 0x1_0000);
     k.caps
         .create(

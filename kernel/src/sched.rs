@@ -165,6 +165,10 @@ pub struct Kernel {
     pub memory: Vec<Option<MemoryObject>>,
     /// I/O port ranges: (first port, number of ports).
     pub io_ranges: Vec<Option<(u32, u32)>>,
+    /// Interrupt-line ranges: (first GSI, number of lines).
+    pub irq_ranges: Vec<Option<(u32, u32)>>,
+    /// Per GSI: the notification it signals and whether it is level-triggered.
+    pub irq_bindings: [Option<(u32, bool)>; crate::ioapic::MAX_GSI as usize],
     pub epts: Vec<Option<EptSpace>>,
     /// Memory donated to the kernel (EPT pools): never mappable again.
     pub donated: Donated,
@@ -180,6 +184,8 @@ static KERNEL: Mutex<Kernel> = Mutex::new(Kernel {
     notifications: Vec::new(),
     memory: Vec::new(),
     io_ranges: Vec::new(),
+    irq_ranges: Vec::new(),
+    irq_bindings: [None; crate::ioapic::MAX_GSI as usize],
     epts: Vec::new(),
     donated: Donated::new(),
     next_vpid: 1,
@@ -346,6 +352,10 @@ impl Kernel {
 
     pub fn create_notification(&mut self) -> u32 {
         insert(&mut self.notifications, Notification::default())
+    }
+
+    pub fn create_interrupts(&mut self, first: u32, count: u32) -> u32 {
+        insert(&mut self.irq_ranges, (first, count))
     }
 
     pub fn create_io_ports(&mut self, first: u32, count: u32) -> u32 {
@@ -1140,6 +1150,20 @@ pub fn idle() -> ! {
     let mut k = kernel();
     k.schedule();
     resume(k)
+}
+
+/// A device interrupt on `gsi`: signal the bound notification (a level-triggered line stays
+/// masked until `IrqAck`), then end the interrupt.
+pub fn device_interrupt(gsi: u32) {
+    let mut k = kernel();
+    if let Some(&Some((n, level))) = k.irq_bindings.get(gsi as usize) {
+        if level {
+            crate::ioapic::set_masked(gsi, true);
+        }
+        k.signal(n);
+    }
+    drop(k);
+    apic::eoi();
 }
 
 /// Timer interrupt from user mode: round robin among equal priorities.

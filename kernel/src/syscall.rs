@@ -9,10 +9,12 @@ use crate::sched::State;
 use crate::sched::{self, Kernel, map_status};
 use abi::{MessageInfo, Status, Syscall, USER_BASE, USER_END};
 use alloc::vec::Vec;
-use caps::object::{Endpoint, Ept, IoPorts, Memory, Notification, ProtectionDomain, Thread, Vcpu};
+use caps::object::{
+    Endpoint, Ept, Interrupts, IoPorts, Memory, Notification, ProtectionDomain, Thread, Vcpu,
+};
 use caps::{
-    EndpointRights, EptRights, IoPortRights, MemoryRights, NodeKey, NotificationRights, ObjectKind,
-    ObjectType, ProtectionDomainRights, ThreadRights, VcpuRights,
+    EndpointRights, EptRights, InterruptRights, IoPortRights, MemoryRights, NodeKey,
+    NotificationRights, ObjectKind, ObjectType, ProtectionDomainRights, ThreadRights, VcpuRights,
 };
 use ept::entry::{MemType, PageSize, Rights};
 use spin::MutexGuard;
@@ -657,6 +659,51 @@ fn handle(
                 k.io_ranges[part as usize] = None;
                 return Err(e.into());
             }
+            Ok(DONE)
+        }
+        Syscall::IrqBind => {
+            let r = lookup::<Interrupts>(k, space, a[0], InterruptRights::BIND)?;
+            let n = lookup::<Notification>(k, space, a[2], NotificationRights::SIGNAL)?;
+            if a[3] & !abi::IRQ_ISA != 0 {
+                return Err(Status::InvalidArgument);
+            }
+            let (gsi, level, low) = if a[3] & abi::IRQ_ISA != 0 {
+                let irq = u8::try_from(a[1])
+                    .ok()
+                    .filter(|&i| i < 16)
+                    .ok_or(Status::InvalidArgument)?;
+                crate::ioapic::isa_irq(irq)
+            } else {
+                let gsi = u32::try_from(a[1]).map_err(|_| Status::OutOfRange)?;
+                (gsi, true, true)
+            };
+            let (first, count) = k.irq_ranges[r as usize].ok_or(Status::Inconsistent)?;
+            if gsi < first || gsi >= first + count || gsi >= crate::ioapic::MAX_GSI {
+                return Err(Status::OutOfRange);
+            }
+            if k.irq_bindings[gsi as usize].is_some() {
+                return Err(Status::AlreadyMapped);
+            }
+            let bsp = crate::percpu::CPUS[0]
+                .apic_id
+                .load(core::sync::atomic::Ordering::Relaxed);
+            if !crate::ioapic::route(gsi, bsp, level, low, false) {
+                return Err(Status::Unsupported);
+            }
+            k.irq_bindings[gsi as usize] = Some((n, level));
+            Ok(Outcome::Done([Some(u64::from(gsi)), None, None]))
+        }
+        Syscall::IrqAck => {
+            let r = lookup::<Interrupts>(k, space, a[0], InterruptRights::BIND)?;
+            let gsi = u32::try_from(a[1]).map_err(|_| Status::OutOfRange)?;
+            let (first, count) = k.irq_ranges[r as usize].ok_or(Status::Inconsistent)?;
+            if gsi < first
+                || gsi >= first + count
+                || k.irq_bindings.get(gsi as usize).is_none_or(Option::is_none)
+            {
+                return Err(Status::NotMapped);
+            }
+            crate::ioapic::set_masked(gsi, false);
             Ok(DONE)
         }
         Syscall::DebugExit => {

@@ -70,6 +70,7 @@ fn object_kind_codes_are_stable_and_nonzero() {
         (ObjectKind::Vcpu, 6),
         (ObjectKind::Ept, 7),
         (ObjectKind::IoPorts, 8),
+        (ObjectKind::Interrupts, 9),
     ];
     for (kind, code) in expected {
         assert_eq!(kind.code(), code);
@@ -77,7 +78,7 @@ fn object_kind_codes_are_stable_and_nonzero() {
         assert_ne!(kind.valid_rights(), 0);
     }
     assert_eq!(ObjectKind::from_code(0), None);
-    assert_eq!(ObjectKind::from_code(9), None);
+    assert_eq!(ObjectKind::from_code(10), None);
     assert_eq!(ObjectKind::from_code(255), None);
 }
 
@@ -616,6 +617,7 @@ fn lookup_kind<S: NodeStorage>(
         ObjectKind::Vcpu => typed!(Vcpu, VcpuRights),
         ObjectKind::Ept => typed!(Ept, EptRights),
         ObjectKind::IoPorts => typed!(IoPorts, IoPortRights),
+        ObjectKind::Interrupts => typed!(Interrupts, InterruptRights),
     }
 }
 

@@ -8,8 +8,8 @@
 pub mod elf;
 
 pub use caps::{
-    CapError, EndpointRights, EptRights, IoPortRights, MemoryRights, NotificationRights,
-    ObjectKind, ProtectionDomainRights, ThreadRights, VcpuRights,
+    CapError, EndpointRights, EptRights, InterruptRights, IoPortRights, MemoryRights,
+    NotificationRights, ObjectKind, ProtectionDomainRights, ThreadRights, VcpuRights,
 };
 
 /// System-call numbers, passed in RAX. Arguments go in RDI, RSI, RDX, R10, R8, R9; results come
@@ -60,6 +60,8 @@ pub enum Syscall {
     VmxCapability = 68,
     IoPortMap = 70,
     IoPortSplit = 71,
+    IrqBind = 72,
+    IrqAck = 73,
 }
 
 impl Syscall {
@@ -110,6 +112,8 @@ impl Syscall {
             68 => VmxCapability,
             70 => IoPortMap,
             71 => IoPortSplit,
+            72 => IrqBind,
+            73 => IrqAck,
             _ => return None,
         })
     }
@@ -327,6 +331,10 @@ pub const ROOT_PD: u64 = 0;
 pub const ROOT_THREAD: u64 = 1;
 /// Every I/O port (0 to 0xffff), rights USE | DELEGATE.
 pub const ROOT_IO_PORTS: u64 = 2;
+/// Every interrupt line (global system interrupts 0 to 191), right BIND.
+pub const ROOT_INTERRUPTS: u64 = 3;
+/// `IrqBind` flag: the line number is an ISA IRQ (the kernel applies the MADT's override).
+pub const IRQ_ISA: u64 = 1;
 /// First selector of the memory capabilities (`BootInfo::memory`).
 pub const ROOT_FIRST_MEMORY: u64 = 16;
 

@@ -5,8 +5,8 @@ use crate::memory::{self, Memory};
 use crate::spawn::{Child, spawn};
 use crate::{Context, Outcome, ensure, malformed};
 use abi::{
-    FAULT_KILL, FAULT_RESUME, LABEL_FAULT, MemoryRights, ObjectKind, ROOT_IO_PORTS, ROOT_PD,
-    Status, UTCB_WORDS,
+    FAULT_KILL, FAULT_RESUME, IRQ_ISA, LABEL_FAULT, MemoryRights, ObjectKind, ROOT_INTERRUPTS,
+    ROOT_IO_PORTS, ROOT_PD, Status, UTCB_WORDS,
 };
 use alloc::vec::Vec;
 use rt::protocol::{
@@ -43,6 +43,8 @@ pub fn run(mem: &mut Memory) -> Outcome<()> {
     log::info!("second echo server: ok");
     sse_state(&echo2)?;
     log::info!("SSE state of two threads across IPC switches: ok");
+    interrupts(mem)?;
+    log::info!("interrupts: the PIT's IRQ 0 signals a notification through the I/O APIC: ok");
 
     malformed::run(mem, &echo2)?;
 
@@ -103,6 +105,37 @@ fn io_ports(mem: &mut Memory, echo: &Child, fault: Selector) -> Outcome<()> {
     probe("after revocation")?;
     expect_gp("IN after revocation")?;
     sys::reply(&Message::new(FAULT_KILL, [0; 4])).context("Reply FAULT_KILL")?;
+    Ok(())
+}
+
+/// Interrupts as notifications: the root task takes the PIT's ports, binds ISA IRQ 0 (through
+/// the MADT's override, to its GSI) to a notification, starts the PIT as a ~1 kHz rate
+/// generator and waits for three signals, then stops it.
+fn interrupts(mem: &mut Memory) -> Outcome<()> {
+    let ports = mem.slot()?;
+    sys::io_port_split(ROOT_IO_PORTS, 0x40, 4, ports).context("IoPortSplit of the PIT")?;
+    sys::io_port_map(ports, ROOT_PD, 0x40, 4).context("IoPortMap of the PIT")?;
+    let note = mem.slot()?;
+    sys::notification_create(ROOT_PD, note).context("NotificationCreate")?;
+    let gsi = sys::irq_bind(ROOT_INTERRUPTS, 0, note, IRQ_ISA).context("IrqBind of IRQ 0")?;
+    ensure!(
+        sys::irq_bind(ROOT_INTERRUPTS, 0, note, IRQ_ISA) == Err(Status::AlreadyMapped),
+        "a second IrqBind of the same line succeeded"
+    );
+    // Channel 0, lobyte/hibyte, mode 2 (rate generator), divisor 1193 (1.193182 MHz / 1193).
+    rt::outb(0x43, 0x34);
+    rt::outb(0x40, 0xa9);
+    rt::outb(0x40, 0x04);
+    let mut signals = 0;
+    for _ in 0..3 {
+        signals += sys::wait(note).context("Wait for the PIT")?;
+    }
+    // Mode 0 with a count: one last edge, then the output stays high.
+    rt::outb(0x43, 0x30);
+    rt::outb(0x40, 0xff);
+    rt::outb(0x40, 0xff);
+    ensure!(signals >= 3, "{signals} signals from 3 waits");
+    log::info!("interrupts: GSI {gsi}, {signals} signals");
     Ok(())
 }
 

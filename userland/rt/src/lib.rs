@@ -31,7 +31,7 @@ mod runtime;
 pub mod sys;
 #[allow(unsafe_code)]
 mod syscall;
-pub use syscall::{inb, set_sse_pattern, sse_pattern_holds};
+pub use syscall::{inb, outb, set_sse_pattern, sse_pattern_holds};
 pub mod vmx;
 
 pub use layout::Role;

@@ -305,6 +305,17 @@ pub fn mem_unmap(pd: Selector, vaddr: u64, order: u64) -> Result<()> {
     invoke(Syscall::MemUnmap, [pd, vaddr, order, 0, 0, 0]).map(|_| ())
 }
 
+/// `IrqBind`: routes interrupt line `line` of `lines` (BIND) — an ISA IRQ with
+/// `abi::IRQ_ISA` in `flags`, else a GSI — to `notification` (SIGNAL); returns the GSI.
+pub fn irq_bind(lines: Selector, line: u64, notification: Selector, flags: u64) -> Result<u64> {
+    invoke(Syscall::IrqBind, [lines, line, notification, flags, 0, 0]).map(|r| r[0])
+}
+
+/// `IrqAck`: unmasks level-triggered line `gsi` after its interrupt was handled.
+pub fn irq_ack(lines: Selector, gsi: u64) -> Result<()> {
+    invoke(Syscall::IrqAck, [lines, gsi, 0, 0, 0, 0]).map(|_| ())
+}
+
 /// `IoPortMap`: lets `pd`'s threads use ports `[first, first + count)` of `ports` (USE).
 pub fn io_port_map(ports: Selector, pd: Selector, first: u64, count: u64) -> Result<()> {
     invoke(Syscall::IoPortMap, [ports, pd, first, count, 0, 0]).map(|_| ())

@@ -58,6 +58,15 @@ pub fn inb(port: u16) -> u8 {
     value
 }
 
+/// OUT to an I/O port (a byte). Faults with #GP unless the PD was granted the port.
+pub fn outb(port: u16, value: u8) {
+    // SAFETY: OUT only writes a device register; without a grant the CPU raises #GP, which the
+    // kernel turns into a fault message to the thread's handler.
+    unsafe {
+        asm!("out dx, al", in("dx") port, in("al") value, options(nomem, nostack, preserves_flags))
+    };
+}
+
 /// Loads `pattern ^ i` into the low quadword of XMMi (i = 0..16). The runtime is compiled
 /// soft-float, so nothing else touches these registers: they keep their values unless the
 /// kernel loses them across a thread switch.
