@@ -649,6 +649,113 @@ pub fn walk<F: PageTableFormat, M: PhysMemory + ?Sized>(
     }
 }
 
+/// Why [`install`] or [`remove`] changed nothing.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+pub enum EditError {
+    /// Something is mapped there already (a leaf, or a table below the requested level).
+    Occupied,
+    /// Nothing of that size is mapped there.
+    NotMapped,
+    /// `new_table` had no page for a missing table.
+    NoTable,
+    /// An entry on the way is unusable, or memory failed.
+    Corrupt,
+}
+
+/// Installs the leaf entry `leaf` at `level` for `address` under `root`, creating missing
+/// tables with `new_table` (which returns the entry referencing a fresh, zeroed table, or
+/// `None` when out of pages). The one way the project's page-table owners (the kernel's
+/// address spaces and EPT objects) build entries.
+pub fn install<F, T>(
+    format: &F,
+    access: &mut T,
+    root: u64,
+    address: u64,
+    level: Level,
+    leaf: u64,
+    mut new_table: impl FnMut() -> Option<u64>,
+) -> Result<(), EditError>
+where
+    F: PageTableFormat,
+    T: TableAccess,
+{
+    let target = level.number();
+    let mut error = None;
+    let result = walk_with(format, access, root, address, |_, step, decoded| {
+        if step.level == target {
+            return match decoded {
+                Decoded::NotPresent => Visit::Replace(leaf),
+                _ => {
+                    error = Some(EditError::Occupied);
+                    Visit::Stop
+                }
+            };
+        }
+        match decoded {
+            Decoded::Table { .. } => Visit::Continue,
+            Decoded::NotPresent => match new_table() {
+                Some(entry) => Visit::Replace(entry),
+                None => {
+                    error = Some(EditError::NoTable);
+                    Visit::Stop
+                }
+            },
+            Decoded::Leaf { .. } => {
+                error = Some(EditError::Occupied);
+                Visit::Stop
+            }
+            Decoded::Invalid(_) => {
+                error = Some(EditError::Corrupt);
+                Visit::Stop
+            }
+        }
+    });
+    match (error, result) {
+        (Some(e), _) => Err(e),
+        (None, Ok(_)) => Ok(()),
+        (None, Err(_)) => Err(EditError::Corrupt),
+    }
+}
+
+/// Clears the leaf of `size` that maps `address` under `root`; returns the page it mapped.
+/// Tables stay (their owner frees them, or not). The caller invalidates cached translations.
+pub fn remove<F, T>(
+    format: &F,
+    access: &mut T,
+    root: u64,
+    address: u64,
+    size: PageSize,
+) -> Result<u64, EditError>
+where
+    F: PageTableFormat,
+    T: TableAccess,
+{
+    let target = Level::of_size(size).number();
+    let mut found = Err(EditError::NotMapped);
+    let _ = walk_with(
+        format,
+        access,
+        root,
+        address,
+        |access, step, decoded| match decoded {
+            Decoded::Leaf {
+                address: frame,
+                size: s,
+                ..
+            } if step.level == target && *s == size => {
+                found = access
+                    .write(step.entry_address(), 0)
+                    .map(|()| *frame)
+                    .map_err(|_| EditError::Corrupt);
+                Visit::Stop
+            }
+            Decoded::Table { .. } if step.level > target => Visit::Continue,
+            _ => Visit::Stop,
+        },
+    );
+    found
+}
+
 /// What [`traverse`] shows its visitor.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
 pub enum Event<A> {
@@ -843,7 +950,114 @@ where
 #[cfg(test)]
 mod trusted_tests {
     use super::*;
+    use crate::entry::{EptEntry, MemType};
     use proptest::prelude::*;
+    use std::collections::BTreeMap;
+
+    #[derive(Default)]
+    struct Flat(BTreeMap<u64, u64>);
+
+    impl TableAccess for Flat {
+        fn read(&mut self, address: u64) -> Result<u64, MemoryError> {
+            Ok(*self.0.get(&address).unwrap_or(&0))
+        }
+        fn write(&mut self, address: u64, value: u64) -> Result<(), MemoryError> {
+            self.0.insert(address, value);
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn install_then_remove_round_trips_and_refuses_overlaps() {
+        let mut mem = Flat::default();
+        let mut next = 0x10_0000u64;
+        let mut new_table = || {
+            next += 0x1000;
+            Some(EptEntry::table(next, Rights::RWX).0)
+        };
+        let leaf = EptEntry::leaf(
+            0x4000_0000,
+            PageSize::Size4K,
+            Rights::RWX,
+            MemType::WriteBack,
+            false,
+        )
+        .0;
+        install(
+            &TrustedEpt,
+            &mut mem,
+            0x1000,
+            0x20_3000,
+            Level::PT,
+            leaf,
+            &mut new_table,
+        )
+        .unwrap();
+        let t = walk(&TrustedEpt, &Reads(&mem), 0x1000, 0x20_3123).unwrap();
+        assert_eq!(t.address, 0x4000_0123);
+        let big = EptEntry::leaf(
+            0x8000_0000,
+            PageSize::Size2M,
+            Rights::RWX,
+            MemType::WriteBack,
+            false,
+        )
+        .0;
+        // The 2 MiB slot holds a table now: a large page there is refused.
+        assert_eq!(
+            install(
+                &TrustedEpt,
+                &mut mem,
+                0x1000,
+                0x20_0000,
+                Level::PD,
+                big,
+                &mut new_table
+            ),
+            Err(EditError::Occupied)
+        );
+        assert_eq!(
+            install(
+                &TrustedEpt,
+                &mut mem,
+                0x1000,
+                0x20_3000,
+                Level::PT,
+                leaf,
+                &mut new_table
+            ),
+            Err(EditError::Occupied)
+        );
+        assert_eq!(
+            remove(&TrustedEpt, &mut mem, 0x1000, 0x20_3000, PageSize::Size2M),
+            Err(EditError::NotMapped)
+        );
+        assert_eq!(
+            remove(&TrustedEpt, &mut mem, 0x1000, 0x20_3000, PageSize::Size4K),
+            Ok(0x4000_0000)
+        );
+        assert!(walk(&TrustedEpt, &Reads(&mem), 0x1000, 0x20_3000).is_err());
+        assert_eq!(
+            install(
+                &TrustedEpt,
+                &mut mem,
+                0x1000,
+                0x40_0000,
+                Level::PT,
+                leaf,
+                || None
+            ),
+            Err(EditError::NoTable)
+        );
+    }
+
+    struct Reads<'a>(&'a Flat);
+
+    impl PhysMemory for Reads<'_> {
+        fn read_u64(&self, address: u64) -> Result<u64, MemoryError> {
+            Ok(*self.0.0.get(&address).unwrap_or(&0))
+        }
+    }
 
     proptest! {
         #[test]

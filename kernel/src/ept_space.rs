@@ -8,7 +8,7 @@ use alloc::vec::Vec;
 use caps::NodeId;
 use caps::index::NodeIndex;
 use ept::entry::{EptEntry, Eptp, MemType, PageSize, Rights};
-use ept::walk::{Decoded, Level, TrustedEpt, Visit, Writable, walk, walk_with};
+use ept::walk::{Level, TrustedEpt, Writable, install, remove, walk};
 
 /// Derivation-tree space ids of EPT objects start here (PDs use 0..SPACES).
 pub const EPT_SPACE_BASE: u32 = 0x1000;
@@ -163,77 +163,31 @@ impl EptSpace {
         memtype: MemType,
         ignore_pat: bool,
     ) -> Result<(), MapError> {
-        let target = Level::of_size(size).number();
         let leaf = EptEntry::leaf(frame, size, rights & Rights::RWX, memtype, ignore_pat).0;
-        let format = TrustedEpt;
         let pool = &mut self.pool;
-        let mut error = None;
-        let result = walk_with(
-            &format,
+        let new_table = || {
+            let table = pool.pop()?;
+            phys::zero(table, 4096);
+            Some(EptEntry::table(table, Rights::RWX).0)
+        };
+        install(
+            &TrustedEpt,
             &mut Writable(&mut IdentityMemory),
             self.root,
             gpa,
-            |_, step, decoded| {
-                if step.level == target {
-                    return match decoded {
-                        Decoded::NotPresent => Visit::Replace(leaf),
-                        _ => {
-                            error = Some(MapError::AlreadyMapped);
-                            Visit::Stop
-                        }
-                    };
-                }
-                match decoded {
-                    Decoded::Table { .. } => Visit::Continue,
-                    Decoded::NotPresent => match pool.pop() {
-                        Some(table) => {
-                            phys::zero(table, 4096);
-                            Visit::Replace(EptEntry::table(table, Rights::RWX).0)
-                        }
-                        None => {
-                            error = Some(MapError::OutOfMemory);
-                            Visit::Stop
-                        }
-                    },
-                    Decoded::Leaf { .. } => {
-                        error = Some(MapError::AlreadyMapped);
-                        Visit::Stop
-                    }
-                    Decoded::Invalid(_) => {
-                        error = Some(MapError::Corrupt);
-                        Visit::Stop
-                    }
-                }
-            },
-        );
-        match (error, result) {
-            (Some(e), _) => Err(e),
-            (None, Ok(_)) => Ok(()),
-            (None, Err(_)) => Err(MapError::Corrupt),
-        }
+            Level::of_size(size),
+            leaf,
+            new_table,
+        )
+        .map_err(MapError::from)
     }
 
     /// Clears the leaf of `size` at `gpa`. The caller invalidates.
     pub fn unmap(&mut self, gpa: u64, size: PageSize) -> Result<(), MapError> {
-        let target = Level::of_size(size).number();
-        let format = TrustedEpt;
-        let mut found = Err(MapError::NotMapped);
-        let _ = walk_with(
-            &format,
-            &mut Writable(&mut IdentityMemory),
-            self.root,
-            gpa,
-            |access, step, decoded| match decoded {
-                Decoded::Leaf { size: s, .. } if step.level == target && *s == size => {
-                    found = ept::walk::TableAccess::write(access, step.entry_address(), 0)
-                        .map_err(|_| MapError::Corrupt);
-                    Visit::Stop
-                }
-                Decoded::Table { .. } if step.level > target => Visit::Continue,
-                _ => Visit::Stop,
-            },
-        );
-        found
+        let access = &mut Writable(&mut IdentityMemory);
+        remove(&TrustedEpt, access, self.root, gpa, size)
+            .map(|_| ())
+            .map_err(MapError::from)
     }
 
     /// What `gpa` maps to.

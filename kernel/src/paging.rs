@@ -5,8 +5,8 @@
 use crate::{hw, memory, phys};
 use ept::entry::{PageSize, PagingFlags, Rights};
 use ept::walk::{
-    Decoded, Level, MemoryError, PhysMemory, PhysMemoryMut, Visit, Writable, X86Paging, walk,
-    walk_with,
+    EditError, Level, MemoryError, PhysMemory, PhysMemoryMut, Writable, X86Paging, install, remove,
+    walk,
 };
 
 /// Physical memory through the identity map.
@@ -35,6 +35,17 @@ pub enum MapError {
     OutOfMemory,
     /// A page-table entry the kernel wrote is unusable (a kernel bug, reported).
     Corrupt,
+}
+
+impl From<EditError> for MapError {
+    fn from(e: EditError) -> Self {
+        match e {
+            EditError::Occupied => Self::AlreadyMapped,
+            EditError::NotMapped => Self::NotMapped,
+            EditError::NoTable => Self::OutOfMemory,
+            EditError::Corrupt => Self::Corrupt,
+        }
+    }
 }
 
 /// The paging format of this machine.
@@ -78,7 +89,6 @@ impl AddressSpace {
         size: PageSize,
         rights: Rights,
     ) -> Result<(), MapError> {
-        let target = Level::of_size(size).number();
         let mut leaf = frame | (PagingFlags::PRESENT | PagingFlags::USER).bits();
         if rights.contains(Rights::WRITE) {
             leaf |= PagingFlags::WRITABLE.bits();
@@ -90,74 +100,30 @@ impl AddressSpace {
             leaf |= PagingFlags::PAGE_SIZE.bits();
         }
         let table_flags = (PagingFlags::PRESENT | PagingFlags::WRITABLE | PagingFlags::USER).bits();
-        let mut error = None;
-        let result = walk_with(
+        let new_table = || memory::alloc_zeroed_pages(1).map(|table| table | table_flags);
+        install(
             &format(),
             &mut Writable(&mut IdentityMemory),
             self.pml4,
             vaddr,
-            |_, step, decoded| {
-                if step.level == target {
-                    return match decoded {
-                        Decoded::NotPresent => Visit::Replace(leaf),
-                        _ => {
-                            error = Some(MapError::AlreadyMapped);
-                            Visit::Stop
-                        }
-                    };
-                }
-                match decoded {
-                    Decoded::Table { .. } => Visit::Continue,
-                    Decoded::NotPresent => match memory::alloc_zeroed_pages(1) {
-                        Some(table) => Visit::Replace(table | table_flags),
-                        None => {
-                            error = Some(MapError::OutOfMemory);
-                            Visit::Stop
-                        }
-                    },
-                    Decoded::Leaf { .. } => {
-                        error = Some(MapError::AlreadyMapped);
-                        Visit::Stop
-                    }
-                    Decoded::Invalid(_) => {
-                        error = Some(MapError::Corrupt);
-                        Visit::Stop
-                    }
-                }
-            },
-        );
-        match (error, result) {
-            (Some(e), _) => Err(e),
-            (None, Ok(_)) => Ok(()),
-            (None, Err(_)) => Err(MapError::Corrupt),
-        }
+            Level::of_size(size),
+            leaf,
+            new_table,
+        )
+        .map_err(MapError::from)
     }
 
     /// Removes the mapping of `size` at `vaddr`; returns the frame it mapped. The caller
     /// shoots down the TLBs.
     pub fn unmap(&self, vaddr: u64, size: PageSize) -> Result<u64, MapError> {
-        let target = Level::of_size(size).number();
-        let mut found = Err(MapError::NotMapped);
-        let _ = walk_with(
+        remove(
             &format(),
             &mut Writable(&mut IdentityMemory),
             self.pml4,
             vaddr,
-            |access, step, decoded| match decoded {
-                Decoded::Leaf {
-                    address, size: s, ..
-                } if step.level == target && *s == size => {
-                    found = match ept::walk::TableAccess::write(access, step.entry_address(), 0) {
-                        Ok(()) => Ok(*address),
-                        Err(_) => Err(MapError::Corrupt),
-                    };
-                    Visit::Stop
-                }
-                Decoded::Table { .. } if step.level > target => Visit::Continue,
-                _ => Visit::Stop,
-            },
-        );
-        found
+            size,
+        )
+        .map_err(MapError::from)
     }
 
     /// The physical address `vaddr` maps to and the rights of the mapping, if mapped for user.
