@@ -1383,7 +1383,7 @@ extern "C" fn vm_exit_dispatch() -> ! {
             if let Some(v) = k.thread_mut(t).vcpu.as_deref_mut() {
                 crate::vm::capture_exit(v, basic);
             }
-            k.send_exit(t, abi::LABEL_VM_EXIT + basic, Some(()));
+            k.send_exit(t, abi::LABEL_VM_EXIT.wrapping_add(basic), Some(()));
         }
     }
     finish(k)
