@@ -393,15 +393,15 @@ impl Kernel {
             return;
         }
         let prev_pd = prev.map(|p| {
-            self.thread_mut(p).fpu.save();
-            self.thread(p).pd
+            let t = self.thread_mut(p);
+            t.fpu.save();
+            t.pd
         });
-        let next_pd = self.thread(next).pd;
-        {
-            let t = self.thread_mut(next);
-            t.state = State::Running;
-            t.fpu.restore();
-        }
+        let t = self.thread_mut(next);
+        t.state = State::Running;
+        t.fpu.restore();
+        let (next_pd, is_thread) = (t.pd, t.vcpu.is_none());
+        let base = &t.ctx as *const TrapFrame as u64;
         self.cpus[me].current = Some(next);
         if prev_pd == Some(next_pd) {
             // Same PD, but a VM exit in between may have left the kernel's CR3 loaded.
@@ -414,7 +414,6 @@ impl Kernel {
             {
                 pd.active_cpus &= !(1 << me);
             }
-            let is_thread = self.thread(next).vcpu.is_none();
             if let Some(pd) = self.pds[next_pd as usize].as_mut() {
                 pd.active_cpus |= 1 << me;
                 pd.aspace.activate();
@@ -424,7 +423,6 @@ impl Kernel {
                 }
             }
         }
-        let base = &self.thread(next).ctx as *const TrapFrame as u64;
         let top = base + core::mem::size_of::<TrapFrame>() as u64;
         let pc = &CPUS[me];
         pc.context_base.store(base, Ordering::Relaxed);
@@ -687,7 +685,8 @@ impl Kernel {
             }
             endpoint.receivers.push_back(me);
         }
-        let ctx = &mut self.thread_mut(partner).ctx;
+        let p = self.thread_mut(partner);
+        let ctx = &mut p.ctx;
         ctx.rax = Status::Ok.code();
         ctx.rdi = 0;
         ctx.rsi = a[1] & 0xffff_0000;
@@ -695,10 +694,12 @@ impl Kernel {
         ctx.r10 = a[3];
         ctx.r8 = a[4];
         ctx.r9 = a[5];
+        if call {
+            p.caller = Some(me);
+        }
         let t = self.thread_mut(me);
         if call {
             t.state = State::ReplyBlocked;
-            self.thread_mut(partner).caller = Some(me);
         } else {
             t.caller = None;
             t.state = State::RecvBlocked(ep as u32);
