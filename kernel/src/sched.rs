@@ -1264,6 +1264,7 @@ impl Kernel {
             exit_label: 0,
             exit_words: [0; vcpu::message::EXIT_MESSAGE_WORDS],
             exit_mask: vcpu::message::StateMask::empty(),
+            shadow: None,
         });
         crate::vm::clear(vmcs);
         if !crate::vm::make_current(vmcs) {

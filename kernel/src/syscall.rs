@@ -706,6 +706,129 @@ fn handle(
             crate::ioapic::set_masked(gsi, false);
             Ok(DONE)
         }
+        Syscall::VcpuShadowVmcs => {
+            use vcpu::controls::SecondaryControls;
+            use vcpu::vmcs::{VmcsAccess, VmcsField as F};
+            let t = lookup::<Vcpu>(k, space, a[0], VcpuRights::WRITE_STATE)?;
+            if k.thread(t).state == State::Running {
+                return Err(Status::Busy);
+            }
+            let allowed = crate::vmx::capabilities().secondary_settings().allowed1;
+            if allowed & u64::from(SecondaryControls::VMCS_SHADOWING.bits()) == 0 {
+                return Err(Status::Unsupported);
+            }
+            if k.thread(t)
+                .vcpu
+                .as_deref()
+                .is_some_and(|v| v.shadow.is_some())
+            {
+                return Ok(DONE);
+            }
+            let pages = crate::memory::alloc_zeroed_pages(4).ok_or(Status::OutOfMemory)?;
+            let (shadow, read_bitmap, write_bitmap) = (pages, pages + 4096, pages + 8192);
+            let revision = crate::vmx::capabilities().revision_id() | (1 << 31);
+            phys::write(shadow, &revision.to_le_bytes());
+            crate::vm::clear(shadow);
+            phys::write(read_bitmap, &[0xff; 4096]);
+            phys::write(write_bitmap, &[0xff; 4096]);
+            k.vcpu_vmcs_here(t)?;
+            let mut m = crate::vm::HwVmcs;
+            m.write(F::VMCS_LINK_POINTER, shadow);
+            m.write(F::VMREAD_BITMAP_ADDRESS, read_bitmap);
+            m.write(F::VMWRITE_BITMAP_ADDRESS, write_bitmap);
+            let secondary = m.read(F::SECONDARY_PROCESSOR_BASED_VM_EXECUTION_CONTROLS);
+            m.write(
+                F::SECONDARY_PROCESSOR_BASED_VM_EXECUTION_CONTROLS,
+                secondary | u64::from(SecondaryControls::VMCS_SHADOWING.bits()),
+            );
+            let v = k
+                .thread_mut(t)
+                .vcpu
+                .as_deref_mut()
+                .ok_or(Status::Inconsistent)?;
+            v.shadow = Some(crate::vm::ShadowVmcs {
+                vmcs: shadow,
+                read_bitmap,
+                write_bitmap,
+            });
+            Ok(DONE)
+        }
+        Syscall::VcpuShadowFields => {
+            let t = lookup::<Vcpu>(k, space, a[0], VcpuRights::WRITE_STATE)?;
+            let count = usize::try_from(a[1]).map_err(|_| Status::InvalidArgument)?;
+            if count == 0 || count > abi::UTCB_WORDS {
+                return Err(Status::InvalidArgument);
+            }
+            let mut words = [0u64; abi::UTCB_WORDS];
+            phys::read_words(k.thread(me).utcb + UTCB_WORDS_OFFSET, &mut words[..count]);
+            let v = k.thread(t).vcpu.as_deref().ok_or(Status::Inconsistent)?;
+            let s = v.shadow.as_ref().ok_or(Status::NotMapped)?;
+            for w in &words[..count] {
+                if w >> 34 != 0 || vcpu::vmcs::VmcsField::from_encoding(*w as u32).is_none() {
+                    return Err(Status::InvalidArgument);
+                }
+            }
+            for w in &words[..count] {
+                // SDM Vol. 3C 25.6.15: bits 14:0 of the encoding index the bitmaps.
+                let bit = (*w as u32 & 0x7fff) as u64;
+                for (flag, bitmap) in [
+                    (abi::SHADOW_READ, s.read_bitmap),
+                    (abi::SHADOW_WRITE, s.write_bitmap),
+                ] {
+                    if w & flag != 0 {
+                        let mut byte = [0u8; 1];
+                        phys::read(bitmap + bit / 8, &mut byte);
+                        byte[0] &= !(1 << (bit % 8));
+                        phys::write(bitmap + bit / 8, &byte);
+                    }
+                }
+            }
+            Ok(DONE)
+        }
+        Syscall::VcpuShadowAccess => {
+            use vcpu::vmcs::VmcsAccess;
+            let t = lookup::<Vcpu>(
+                k,
+                space,
+                a[0],
+                VcpuRights::READ_STATE | VcpuRights::WRITE_STATE,
+            )?;
+            let pairs = usize::try_from(a[1]).map_err(|_| Status::InvalidArgument)?;
+            if pairs == 0 || pairs * 2 > abi::UTCB_WORDS || a[2] > 1 {
+                return Err(Status::InvalidArgument);
+            }
+            if k.thread(t).state == State::Running {
+                return Err(Status::Busy);
+            }
+            let at = k.thread(me).utcb + UTCB_WORDS_OFFSET;
+            let mut words = [0u64; abi::UTCB_WORDS];
+            phys::read_words(at, &mut words[..pairs * 2]);
+            let mut fields = [vcpu::vmcs::VmcsField::VMCS_LINK_POINTER; abi::UTCB_WORDS / 2];
+            for (i, pair) in words[..pairs * 2].chunks(2).enumerate() {
+                fields[i] = u32::try_from(pair[0])
+                    .ok()
+                    .and_then(vcpu::vmcs::VmcsField::from_encoding)
+                    .ok_or(Status::InvalidArgument)?;
+            }
+            k.vcpu_vmcs_here(t)?;
+            let v = k.thread(t).vcpu.as_deref().ok_or(Status::Inconsistent)?;
+            let s = v.shadow.as_ref().ok_or(Status::NotMapped)?.vmcs;
+            let write = a[2] == 1;
+            crate::vm::with_shadow(s, v.vmcs, |m| {
+                for (i, field) in fields[..pairs].iter().enumerate() {
+                    if write {
+                        m.write(*field, words[2 * i + 1]);
+                    } else {
+                        words[2 * i + 1] = m.read(*field);
+                    }
+                }
+            })
+            .ok_or(Status::Inconsistent)?;
+            if !write {
+                phys::write_words(at, &words[..pairs * 2]);
+            }
+            Ok(DONE)
+        }
         Syscall::DebugExit => {
             if space != 0 {
                 return Err(Status::InsufficientRights);

@@ -13,6 +13,31 @@ use vcpu::controls::{
 use vcpu::message::{ExitMessage, Gprs, SavedRegisters, StateMask};
 use vcpu::vmcs::{VmcsAccess, VmcsField as F};
 
+/// A shadow VMCS (SDM Vol. 3C 25.10) and the VMREAD/VMWRITE bitmaps that decide which of a
+/// guest hypervisor's VMREADs and VMWRITEs it serves without a VM exit.
+pub struct ShadowVmcs {
+    pub vmcs: u64,
+    pub read_bitmap: u64,
+    pub write_bitmap: u64,
+}
+
+/// Runs `f` on the shadow VMCS `shadow` (made current for the time, then VMCLEARed so that it
+/// is active nowhere when the guest runs), and makes `vmcs` current again.
+pub fn with_shadow<R>(shadow: u64, vmcs: u64, f: impl FnOnce(&mut HwVmcs) -> R) -> Option<R> {
+    let pc = percpu::current();
+    // SAFETY: `shadow` is a shadow VMCS region the kernel allocated and stamped (revision
+    // with bit 31), active on no CPU (it is VMCLEARed after every access).
+    if unsafe { vmx::vmptrld(shadow) }.is_err() {
+        return None;
+    }
+    pc.current_vmcs.store(shadow, Ordering::Relaxed);
+    let r = f(&mut HwVmcs);
+    // SAFETY: as above; VMCLEAR writes it back and leaves it inactive.
+    let _ = unsafe { vmx::vmclear(shadow) };
+    pc.current_vmcs.store(0, Ordering::Relaxed);
+    make_current(vmcs).then_some(r)
+}
+
 /// The current VMCS of this CPU, through VMREAD/VMWRITE.
 pub struct HwVmcs;
 
@@ -55,6 +80,8 @@ pub struct Vcpu {
     pub exit_words: [u64; vcpu::message::EXIT_MESSAGE_WORDS],
     /// The groups whose words `exit_words` holds (zeroed when a later message omits them).
     pub exit_mask: StateMask,
+    /// VMCS shadowing for a guest hypervisor (`VcpuShadowVmcs`).
+    pub shadow: Option<ShadowVmcs>,
 }
 
 const _: () = assert!(core::mem::offset_of!(Vcpu, regs) == 0);

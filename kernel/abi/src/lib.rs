@@ -58,10 +58,13 @@ pub enum Syscall {
     VcpuBind = 66,
     VcpuSetAffinity = 67,
     VmxCapability = 68,
+    VcpuShadowVmcs = 69,
     IoPortMap = 70,
     IoPortSplit = 71,
     IrqBind = 72,
     IrqAck = 73,
+    VcpuShadowFields = 74,
+    VcpuShadowAccess = 75,
 }
 
 impl Syscall {
@@ -110,10 +113,13 @@ impl Syscall {
             66 => VcpuBind,
             67 => VcpuSetAffinity,
             68 => VmxCapability,
+            69 => VcpuShadowVmcs,
             70 => IoPortMap,
             71 => IoPortSplit,
             72 => IrqBind,
             73 => IrqAck,
+            74 => VcpuShadowFields,
+            75 => VcpuShadowAccess,
             _ => return None,
         })
     }
@@ -279,6 +285,11 @@ pub const fn vcpu_config(priority: u8, cpu: u8, badge: u32) -> u64 {
 pub const fn ept_map_flags(rights: u8, order: u64, memtype: u8, ignore_pat: bool) -> u64 {
     (rights as u64 & 7) | (order << 8) | ((memtype as u64 & 7) << 16) | ((ignore_pat as u64) << 19)
 }
+
+/// `VcpuShadowFields` word: a VMCS field encoding (bits 31:0) whose VMREADs (bit 32) and
+/// VMWRITEs (bit 33) the shadow VMCS serves without an exit.
+pub const SHADOW_READ: u64 = 1 << 32;
+pub const SHADOW_WRITE: u64 = 1 << 33;
 
 /// `VcpuSetMask` exit-reason argument that sets the mask of every exit reason.
 pub const ALL_EXITS: u64 = u64::MAX;
