@@ -39,6 +39,13 @@ fn modules_for(scenario: &str) -> Vec<Module> {
             module("vmm", "vmm"),
             module("guest64", "guest64"),
         ],
+        "nested" | "nested-bench" => vec![
+            module("roottask", "roottask"),
+            module("echo", "echo"),
+            module("vmm", "vmm"),
+            module("pager", "pager"),
+            module("l1hv", "l1hv"),
+        ],
         _ => Vec::new(),
     }
 }

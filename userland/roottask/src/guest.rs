@@ -312,7 +312,7 @@ fn carve(mem: &mut Memory, orders: [u64; 3]) -> Outcome<[Selector; 3]> {
 }
 
 /// Copies `bytes` to the start of `memory`, a page at a time through the scratch window.
-fn copy_into(memory: Selector, bytes: &[u8]) -> Outcome<()> {
+pub(crate) fn copy_into(memory: Selector, bytes: &[u8]) -> Outcome<()> {
     for (page, chunk) in bytes.chunks(4096).enumerate() {
         let map = Mapping::new(memory, page as u64, MapRights::READ | MapRights::WRITE)
             .context("MemMap of a guest image page")?;

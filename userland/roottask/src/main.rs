@@ -3,7 +3,10 @@
 //! - [`memory`]: the slot allocator and the page allocator over the boot memory capabilities;
 //! - [`spawn`]: loading a boot module (ELF) into a new protection domain and starting it;
 //! - [`ipc`], [`malformed`]: the `ipc` scenario and its table of malformed system calls;
-//! - [`bench`]: the `ipc-bench` scenario.
+//! - [`bench`]: the `ipc-bench` scenario;
+//! - [`guest`]: the `guest` and `vmexit-bench` scenarios (the VMM runs a 64-bit guest);
+//! - [`nested`]: the `nested` and `nested-bench` scenarios (the VMM runs an L1 hypervisor
+//!   whose memory an L0 pager owns).
 #![no_std]
 #![no_main]
 #![deny(unsafe_code)]
@@ -15,6 +18,7 @@ mod guest;
 mod ipc;
 mod malformed;
 mod memory;
+mod nested;
 mod spawn;
 
 use abi::Status;
@@ -71,6 +75,7 @@ fn main() {
         "ipc" => ipc::run(&mut mem),
         "ipc-bench" => bench::run(&mut mem),
         "guest" | "vmexit-bench" => guest::run(&mut mem, scenario),
+        "nested" | "nested-bench" => nested::run(&mut mem, scenario),
         other => Err(format!("the root task has no scenario '{other}'")),
     });
     verdict(scenario, outcome)

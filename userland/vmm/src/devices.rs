@@ -37,6 +37,24 @@ pub fn cpuid(leaf: u32, subleaf: u32, index: u32) -> [u32; 4] {
     }
 }
 
+/// CPUID leaf with the physical CPU of the asking vCPU (nested guests, `docs/nested.md`).
+pub const PHYSICAL_CPU_LEAF: u32 = 0x4000_0001;
+
+/// An L1 hypervisor's CPUID for `leaf`/`subleaf` on vCPU `index`, running on physical CPU
+/// `cpu`: as [`cpuid`], but VMX shown (leaf 1 ECX bit 5: the VMM emulates VMX, with the
+/// capability MSRs filtered to what it emulates), and leaf 0x4000_0001 answering `cpu` in EAX.
+pub fn nested_cpuid(leaf: u32, subleaf: u32, index: u32, cpu: u32) -> [u32; 4] {
+    match leaf {
+        SIGNATURE_LEAF => [PHYSICAL_CPU_LEAF, SIGNATURE[0], SIGNATURE[1], SIGNATURE[2]],
+        PHYSICAL_CPU_LEAF => [cpu, 0, 0, 0],
+        1 => {
+            let [a, b, c, d] = cpuid(1, subleaf, index);
+            [a, b, c | CPUID_1_ECX_VMX, d]
+        }
+        _ => cpuid(leaf, subleaf, index),
+    }
+}
+
 /// The 16550's line status register: transmitter holding register empty, transmitter empty.
 const LSR_THRE_TEMT: u32 = 0x60;
 /// The interrupt identification register: no interrupt pending.
@@ -104,6 +122,9 @@ pub mod msr {
     pub const IA32_MTRRCAP: u32 = 0xfe;
     pub const IA32_PAT: u32 = 0x277;
     pub const IA32_EFER: u32 = 0xc000_0080;
+    pub const IA32_FS_BASE: u32 = 0xc000_0100;
+    pub const IA32_GS_BASE: u32 = 0xc000_0101;
+    pub const IA32_KERNEL_GS_BASE: u32 = 0xc000_0102;
 }
 
 /// IA32_APIC_BASE: the default base, enabled (bit 11), BSP (bit 8) for vCPU 0.

@@ -141,8 +141,7 @@ impl Request {
         };
         let cpus = (flags >> 8) & 0xff;
         let known = protocol::FLAG_MIGRATE | protocol::FLAG_NESTED | (0xff << 8);
-        if vcpus == 0 || vcpus > max_vcpus || cpus == 0 || image_size == 0 || flags & !known != 0
-        {
+        if vcpus == 0 || vcpus > max_vcpus || cpus == 0 || image_size == 0 || flags & !known != 0 {
             return Err(Status::InvalidArgument);
         }
         Ok(Self {
@@ -158,7 +157,7 @@ impl Request {
 }
 
 /// What the VMM tells the root task about a guest that ended.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct Report {
     pub words: [u64; 4],
     /// `protocol::REPORT_WORDS` words (`NESTED_REPORT_WORDS` for a nested guest).

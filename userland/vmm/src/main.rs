@@ -12,6 +12,8 @@
 //! - [`guest`]: a guest's construction, exit loop and teardown;
 //! - [`devices`]: what the exits emulate (CPUID, the 16550, the debug and result ports, MSRs);
 //! - [`memory`]: the windows on guest RAM and the guest image (the only `unsafe`).
+//! - [`l1`]: a nested guest (`protocol::FLAG_NESTED`): an L1 hypervisor, its memory from the L0
+//!   pager, its VMX emulated (`vcpu::nested`), its L2 guests on shadow EPTs;
 //! - [`shadow`]: nested VMX's shadow EPTs (the system-call `ShadowBackend` and `Nested`).
 #![no_std]
 #![no_main]
@@ -21,14 +23,16 @@ extern crate alloc;
 
 mod devices;
 mod guest;
+mod l1;
 #[allow(unsafe_code)]
 mod memory;
-// Nested VMX: used by the VMX emulation once it lands.
+// Nested VMX: some of its API (pool growth, statistics) is not used by `l1` yet.
 #[allow(dead_code)]
 mod shadow;
 
 use abi::Status;
-use guest::{Guest, Request};
+use guest::{Guest, Report, Request};
+use l1::L1Guest;
 use memory::{Image, Ram};
 use rt::layout::{CHILD_SERVICE_ENDPOINT, SELF_PD};
 use rt::vmx::protocol::{IMAGE, RAM, RAM_ORDER, REPORT, REPORT_LABEL, RUN, RUN_ERROR, RUN_OK};
@@ -46,8 +50,16 @@ pub mod slot {
     pub const POOL_PIECE: u64 = 18;
     /// The running guest's protection domain, which its vCPUs belong to.
     pub const GUEST_PD: u64 = 19;
-    /// The running guest's vCPUs.
+    /// A nested guest's EPT (L1's, a copy from the pager with MAP and MAP_SOURCE).
+    pub const L1_EPT: u64 = 20;
+    /// A nested guest's piece of `protocol::SHADOW_POOL`.
+    pub const SHADOW_PIECE: u64 = 21;
+    /// The running guest's vCPUs (a nested guest's L1 vCPU objects).
     pub const FIRST_VCPU: u64 = 24;
+    /// A nested guest's L2 vCPU objects.
+    pub const FIRST_L2_VCPU: u64 = 32;
+    /// Slots for a nested guest's shadow EPT objects and pool pieces.
+    pub const SHADOWS: core::ops::Range<u64> = 64..1024;
 }
 
 /// What the VMM keeps between guests.
@@ -60,6 +72,14 @@ struct Vmm {
     pool_pieces: u64,
     /// Guests started so far (the next guest's number).
     guests: u64,
+    /// Pieces of `protocol::SHADOW_POOL` given to nested guests so far.
+    shadow_pieces: u64,
+}
+
+/// A started guest of either kind.
+enum Started {
+    Plain(Guest),
+    Nested(L1Guest),
 }
 
 fn main() {
@@ -72,6 +92,7 @@ fn main() {
         image: None,
         pool_pieces: 0,
         guests: 0,
+        shadow_pieces: 0,
     };
     let mut next = sys::recv(CHILD_SERVICE_ENDPOINT);
     loop {
@@ -91,7 +112,7 @@ fn main() {
         }
         let number = vmm.guests;
         vmm.guests += 1;
-        let mut guest = match vmm.start(number, &request) {
+        let guest = match vmm.start(number, &request) {
             Ok(guest) => guest,
             Err(e) => {
                 log::error!("guest{number}: not started: {e:?}");
@@ -105,9 +126,7 @@ fn main() {
         if sys::reply(&Message::new(RUN_OK, [number, 0, 0, 0])).is_err() {
             log::warn!("guest{number}: the root task did not wait for the answer");
         }
-        let ram = vmm.ram.as_mut().expect("a started guest has RAM");
-        let report = guest.run(ram, &mut vmm.pool_pieces);
-        let report = guest.teardown(ram, report);
+        let report = vmm.run(guest);
         utcb::write_words(&report.extra);
         let msg = Message::with_extra(REPORT_LABEL, report.words, report.extra.len());
         if let Err(e) = sys::call(REPORT, &msg) {
@@ -118,20 +137,40 @@ fn main() {
 }
 
 impl Vmm {
-    /// Builds guest `number` from a RUN request; maps RAM and the image on first use.
-    fn start(&mut self, number: u64, msg: &Message) -> Result<Guest, Status> {
+    /// Builds guest `number` from a RUN request; maps RAM (plain guests) and the image on
+    /// first use.
+    fn start(&mut self, number: u64, msg: &Message) -> Result<Started, Status> {
         let request = Request::decode(msg)?;
         if self.image.is_none() {
             self.image = Some(Image::map(IMAGE, request.image_size)?);
         }
-        if self.ram.is_none() {
-            self.ram = Some(Ram::map(RAM, RAM_ORDER)?);
-        }
         let image = self.image.expect("mapped above");
-        let ram = self.ram.as_mut().expect("mapped above");
         if request.image_size > image.bytes().len() as u64 {
             return Err(Status::OutOfRange);
         }
-        Guest::start(number, request, image, ram, &mut self.pool_pieces)
+        if request.nested {
+            return L1Guest::start(number, request, image, &mut self.shadow_pieces)
+                .map(Started::Nested);
+        }
+        if self.ram.is_none() {
+            self.ram = Some(Ram::map(RAM, RAM_ORDER)?);
+        }
+        let ram = self.ram.as_mut().expect("mapped above");
+        Guest::start(number, request, image, ram, &mut self.pool_pieces).map(Started::Plain)
+    }
+
+    /// Runs a started guest to its end and takes it down: the report for the root task.
+    fn run(&mut self, guest: Started) -> Report {
+        match guest {
+            Started::Plain(mut guest) => {
+                let ram = self.ram.as_mut().expect("a started plain guest has RAM");
+                let report = guest.run(ram, &mut self.pool_pieces);
+                guest.teardown(ram, report)
+            }
+            Started::Nested(mut guest) => {
+                let report = guest.run();
+                guest.teardown(report)
+            }
+        }
     }
 }

@@ -16,7 +16,7 @@
 //! | pager slot | capability | rights |
 //! |---:|---|---|
 //! | [`BACKED`] | memory for the backed region: `2^order` pages, its size is `backed_end` | READ, WRITE, EXECUTE, MAP |
-//! | [`FRAMES`] | memory for on-demand pages: each provided page takes one of its pages | READ, WRITE, MAP |
+//! | [`FRAMES`] | memory for on-demand pages: each provided page takes one of its pages | READ, WRITE, EXECUTE, MAP (pages are mapped into L1 read, write, execute) |
 //! | [`POOL`] | memory donated to L1's EPT object for its tables and mapping records (16 pages leave room: 3 tables for the backed region in 2 MiB pages, one per 2 MiB of on-demand memory touched, 64 bytes per mapping) | WRITE, DELEGATE |
 //!
 //! `spawn` resumes the pager before these slots are filled, so the pager touches them only at
