@@ -93,7 +93,7 @@ commands:
   run    [--emulator bochs|qemu|kvm] [--scenario NAME] [--cpus N] [--timeout SECONDS]
          [--uefi] [--log LEVEL]
          boot the kernel headless, stream the serial console, exit 0 only on
-         `capvisor: scenario NAME: PASS` (default: the boot scenario on Bochs, 2 CPUs)
+         `capvisor: scenario NAME: PASS` (default: the nested demo on Bochs, 2 CPUs)
   test   [--host-only]   lints, host tests and every scenario on the emulator it needs
   bench  [--quick]       benchmark scenarios and host benchmarks; table + build/bench.json
   image  [--scenario NAME] [--cpus N]   build the kernel, the user-level binaries and the ISO
@@ -138,7 +138,7 @@ fn main() -> ExitCode {
 
 fn parse_run(args: &[String]) -> Result<RunSpec, String> {
     let mut spec = RunSpec {
-        scenario: "boot".into(),
+        scenario: "nested".into(),
         emulator: Emulator::Bochs,
         cpus: 2,
         uefi: false,

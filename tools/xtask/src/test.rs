@@ -51,6 +51,8 @@ pub fn cases() -> Vec<Case> {
         case("ipc", Bochs, 2, false),
         case("guest", Bochs, 1, false),
         case("guest", Bochs, 2, false),
+        case("nested", Bochs, 1, false),
+        case("nested", Bochs, 2, false),
     ]
 }
 

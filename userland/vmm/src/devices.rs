@@ -78,14 +78,14 @@ pub fn port_in(p: u16, size: u8) -> u32 {
 /// A guest's console: the 16550's transmitter, one line buffer per vCPU, printed with a prefix.
 #[derive(Debug)]
 pub struct SerialLine {
-    buffer: [u8; 160],
+    buffer: [u8; 256],
     len: usize,
 }
 
 impl SerialLine {
     pub const fn new() -> Self {
         Self {
-            buffer: [0; 160],
+            buffer: [0; 256],
             len: 0,
         }
     }

@@ -33,8 +33,14 @@
 //!
 //! # Migration
 //! With `FLAG_MIGRATE` and 2 CPUs, the last virtual CPU moves to the next CPU at its second
-//! CPUID 0x4000_0001 (asked by L2, answered by L1 through its own CPUID): both its objects move
-//! (`VcpuSetAffinity`) and `Nested::migrate` records it.
+//! CPUID 0x4000_0001 (asked by L2, answered by L1 through its own CPUID, which then reports
+//! the new CPU): both its objects move (`VcpuSetAffinity`, the kernel flushes on arrival) and
+//! `Nested::migrate` records it. At that virtual CPU's next exit it moves back. The reason is
+//! Bochs: it delivers no external interrupt (so no VM exit) to a guest running with
+//! RFLAGS.IF = 0, external-interrupt exiting notwithstanding, and l1hv spin-waits for the other
+//! vCPUs' reports with interrupts disabled. A vCPU spinning on the VMM's CPU would keep the
+//! VMM from ever running again (the IPI that wakes it never preempts the vCPU), and the other
+//! vCPU from making progress; on its own CPU it only spins.
 //!
 //! Nothing L1 or L2 controls can panic the VMM: bad values end the guest (an outcome for the
 //! root task) or become the faults the SDM prescribes.
@@ -155,6 +161,8 @@ struct VirtualCpu {
     tsc_offset: u64,
     /// CPUID 0x4000_0001 queries answered (the migration trigger).
     cpu_queries: u64,
+    /// Migrated: the CPU to move back to at the next exit.
+    return_to: Option<u64>,
     line: SerialLine,
     /// L2 exits reflected to L1, L1 VMX-instruction exits emulated, L2 exits L0 handled.
     l2_reflected: u64,
@@ -439,6 +447,7 @@ impl L1Guest {
             in_l2: false,
             tsc_offset: 0,
             cpu_queries: 0,
+            return_to: None,
             line: SerialLine::new(),
             l2_reflected: 0,
             l1_vmx_exits: 0,
@@ -618,6 +627,9 @@ impl L1Guest {
             );
             return self.end(v, Outcome::VmmError, Status::Inconsistent.code());
         }
+        if let Some(cpu) = self.vcpus[v].return_to.take() {
+            self.move_vcpu(v, cpu);
+        }
         if call.is_recall() {
             return ExitReply::Resume;
         }
@@ -747,30 +759,40 @@ impl L1Guest {
         vmx::write_gprs_reply_to(&mut FastUtcb, ResumeAction::Advance, Some(&g))
     }
 
-    /// Moves virtual CPU `v` (both objects) to the next CPU.
+    /// Moves virtual CPU `v` to the next CPU; it moves back at its next exit (see the module
+    /// documentation: a vCPU that spins with interrupts disabled must not share a CPU with the
+    /// VMM or another busy vCPU under Bochs).
     fn migrate(&mut self, v: usize) {
         let from = self.vcpus[v].cpu;
         let to = (from + 1) % self.request.cpus;
-        let mut objects = Vec::new();
-        objects.push(self.vcpus[v].l1);
-        objects.extend(self.vcpus[v].l2);
-        for object in objects {
-            if let Err(e) = vmx::vcpu_set_affinity(object, to) {
+        if self.move_vcpu(v, to) {
+            self.stats[protocol::R_MIGRATED_FROM] = from;
+            self.stats[protocol::R_MIGRATED_TO] = to;
+            self.vcpus[v].return_to = Some(from);
+        }
+    }
+
+    /// Moves both vCPU objects of virtual CPU `v` to `cpu` (`VcpuSetAffinity`, running or not:
+    /// the kernel flushes L2's shadow EPT and L1's EPT on the new CPU) and tells `Nested`.
+    fn move_vcpu(&mut self, v: usize, cpu: u64) -> bool {
+        let from = self.vcpus[v].cpu;
+        let objects = [Some(self.vcpus[v].l1), self.vcpus[v].l2];
+        for object in objects.into_iter().flatten() {
+            if let Err(e) = vmx::vcpu_set_affinity(object, cpu) {
                 rt::println!(
-                    "vmm: guest{} vcpu{v}: VcpuSetAffinity to cpu {to}: {e:?}",
+                    "vmm: guest{} vcpu{v}: VcpuSetAffinity to cpu {cpu}: {e:?}",
                     self.number
                 );
-                return;
+                return false;
             }
         }
-        self.vcpus[v].cpu = to;
-        self.nested.migrate(v, to);
-        self.stats[protocol::R_MIGRATED_FROM] = from;
-        self.stats[protocol::R_MIGRATED_TO] = to;
+        self.vcpus[v].cpu = cpu;
+        self.nested.migrate(v, cpu);
         rt::println!(
-            "vmm: guest{} vcpu{v}: moved (L1 and L2 vCPU objects) from cpu {from} to cpu {to}",
+            "vmm: guest{} vcpu{v}: moved (its L1 and L2 vCPU objects) from cpu {from} to cpu {cpu}",
             self.number
         );
+        true
     }
 
     /// L1's port I/O: the 16550, end, results, revocation, shadow faults.
@@ -1029,11 +1051,18 @@ impl L1Guest {
                     return self.vmm_error(v, "VMXOFF of L1", nested_status(e));
                 }
             }
+            VmxOutcome::InvalidateVpid(_) => {
+                // L2's linear translations live under its vCPU object's own VPID: rebinding the
+                // object to its EPT makes the kernel INVEPT it (single-context) at the next
+                // entry, which drops every combined mapping derived from that EPT.
+                if let (Some(l2), Some(ept)) = (self.vcpus[v].l2, self.vcpus[v].bound)
+                    && let Err(e) = vmx::vcpu_bind(l2, ept)
+                {
+                    return self.vmm_error(v, "INVVPID of L1 (VcpuBind)", e);
+                }
+            }
             VmxOutcome::OkRead { register, value } => state.set_gpr(register, value),
-            VmxOutcome::Ok
-            | VmxOutcome::VmFailInvalid
-            | VmxOutcome::VmFailValid(_)
-            | VmxOutcome::InvalidateVpid(_) => {}
+            VmxOutcome::Ok | VmxOutcome::VmFailInvalid | VmxOutcome::VmFailValid(_) => {}
         }
         state.rflags = outcome.rflags(state.rflags);
         answer(&Reply::with_state(
