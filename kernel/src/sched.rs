@@ -1372,9 +1372,12 @@ extern "C" fn vm_exit_dispatch() -> ! {
     }
     cpu::note_vm_exit(&CPUS[this_cpu()]);
     match basic {
-        // External interrupt: let the host take it (it is pending in the local APIC).
-        1 => {
-            hw::deliver_pending_interrupt();
+        // External interrupt: let the host take it (it is pending in the local APIC); the
+        // VMX-preemption timer (52): the guest's time slice ran out. Both are scheduling points.
+        1 | 52 => {
+            if basic == 1 {
+                hw::deliver_pending_interrupt();
+            }
             if k.thread(t).vcpu.as_deref().is_some_and(|v| v.recall) {
                 k.send_exit(t, abi::LABEL_RECALL, None);
             } else {

@@ -180,6 +180,10 @@ pub fn enter(gprs: *mut Gprs, launched: bool) -> ! {
     unsafe { vm_enter(gprs, u64::from(launched)) }
 }
 
+/// VMX-preemption-timer ticks per entry (the timer runs at the TSC rate divided by
+/// 2^IA32_VMX_MISC[4:0]; on Bochs 2^5 here, so about 2^25 emulated cycles).
+pub const PREEMPTION_SLICE: u64 = 1 << 20;
+
 /// The controls every vCPU gets (negotiated against the capability MSRs, so the same code
 /// works on Bochs and on KVM nested).
 pub fn controls() -> Option<ControlSet> {
@@ -198,7 +202,7 @@ pub fn controls() -> Option<ControlSet> {
         entry: EntryControls::LOAD_IA32_EFER,
     };
     let desired = ControlSet {
-        pin_based: PinBasedControls::VIRTUAL_NMIS,
+        pin_based: PinBasedControls::VIRTUAL_NMIS | PinBasedControls::ACTIVATE_VMX_PREEMPTION_TIMER,
         primary: ProcessorBasedControls::empty(),
         secondary: SecondaryControls::UNRESTRICTED_GUEST
             | SecondaryControls::ENABLE_RDTSCP
@@ -275,6 +279,9 @@ pub fn init_vmcs(v: &mut Vcpu, controls: &ControlSet, eptp: u64) {
     m.write(F::VM_EXIT_MSR_LOAD_COUNT, 0);
     m.write(F::VM_ENTRY_MSR_LOAD_COUNT, 0);
     m.write(F::VM_ENTRY_INTERRUPTION_INFORMATION, 0);
+    // A time slice for the guest: the timer counts down from this value at every entry (it
+    // is not saved on exit), so a guest that never takes an exit still yields the CPU.
+    m.write(F::VMX_PREEMPTION_TIMER_VALUE, PREEMPTION_SLICE);
 
     // Host state: the kernel as it runs now.
     m.write(F::HOST_CR0, hw::read_cr0());
