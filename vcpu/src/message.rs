@@ -521,7 +521,9 @@ const fn is_canonical(value: u64) -> bool {
     (((value << shift) as i64) >> shift) as u64 == value
 }
 
-const SEGMENT_FIELDS: [[VmcsField; 4]; 8] = {
+/// Guest segment fields in the order of [`GuestState::segments`] (ES, CS, SS, DS, FS, GS,
+/// LDTR, TR): selector, base, limit, access rights.
+pub const SEGMENT_FIELDS: [[VmcsField; 4]; 8] = {
     use VmcsField as F;
     [
         [

@@ -803,61 +803,8 @@ impl Controls12 {
     }
 }
 
-/// Guest segment fields in VMCS order ES, CS, SS, DS, FS, GS, LDTR, TR: selector, base, limit,
-/// access rights.
-const GUEST_SEGMENTS: [[VmcsField; 4]; 8] = {
-    use VmcsField as F;
-    [
-        [
-            F::GUEST_ES_SELECTOR,
-            F::GUEST_ES_BASE,
-            F::GUEST_ES_LIMIT,
-            F::GUEST_ES_ACCESS_RIGHTS,
-        ],
-        [
-            F::GUEST_CS_SELECTOR,
-            F::GUEST_CS_BASE,
-            F::GUEST_CS_LIMIT,
-            F::GUEST_CS_ACCESS_RIGHTS,
-        ],
-        [
-            F::GUEST_SS_SELECTOR,
-            F::GUEST_SS_BASE,
-            F::GUEST_SS_LIMIT,
-            F::GUEST_SS_ACCESS_RIGHTS,
-        ],
-        [
-            F::GUEST_DS_SELECTOR,
-            F::GUEST_DS_BASE,
-            F::GUEST_DS_LIMIT,
-            F::GUEST_DS_ACCESS_RIGHTS,
-        ],
-        [
-            F::GUEST_FS_SELECTOR,
-            F::GUEST_FS_BASE,
-            F::GUEST_FS_LIMIT,
-            F::GUEST_FS_ACCESS_RIGHTS,
-        ],
-        [
-            F::GUEST_GS_SELECTOR,
-            F::GUEST_GS_BASE,
-            F::GUEST_GS_LIMIT,
-            F::GUEST_GS_ACCESS_RIGHTS,
-        ],
-        [
-            F::GUEST_LDTR_SELECTOR,
-            F::GUEST_LDTR_BASE,
-            F::GUEST_LDTR_LIMIT,
-            F::GUEST_LDTR_ACCESS_RIGHTS,
-        ],
-        [
-            F::GUEST_TR_SELECTOR,
-            F::GUEST_TR_BASE,
-            F::GUEST_TR_LIMIT,
-            F::GUEST_TR_ACCESS_RIGHTS,
-        ],
-    ]
-};
+/// Guest segment fields: the one table in `message`.
+const GUEST_SEGMENTS: [[VmcsField; 4]; 8] = crate::message::SEGMENT_FIELDS;
 
 /// Positions of CS and SS in [`GUEST_SEGMENTS`].
 const CS: usize = 1;
