@@ -39,8 +39,10 @@
 //! Bochs: it delivers no external interrupt (so no VM exit) to a guest running with
 //! RFLAGS.IF = 0, external-interrupt exiting notwithstanding, and l1hv spin-waits for the other
 //! vCPUs' reports with interrupts disabled. A vCPU spinning on the VMM's CPU would keep the
-//! VMM from ever running again (the IPI that wakes it never preempts the vCPU), and the other
-//! vCPU from making progress; on its own CPU it only spins.
+//! VMM from running (the IPI that wakes it does not preempt the vCPU), and the other vCPU
+//! from making progress; on its own CPU it only spins. The kernel's VMX-preemption-timer slice
+//! now bounds how long such a vCPU keeps a CPU, but a slice is long in emulated time, so the
+//! move back stays: it keeps the VMM responsive rather than merely live.
 //!
 //! Nothing L1 or L2 controls can panic the VMM: bad values end the guest (an outcome for the
 //! root task) or become the faults the SDM prescribes.
