@@ -834,10 +834,8 @@ impl Engine {
             if j == leaf.index.get() {
                 continue;
             }
-            let n_l2 = table_base + j as u64 * level.span();
-            if self.is_installed(shadow, n_l2, leaf_size) {
-                continue;
-            }
+            // The entry first (the line is cached from the walk): most lines of a sparse
+            // table hold nothing to prefetch, and that costs no region lookup.
             let Ok(raw) = backend.read_l1(leaf.table + j as u64 * 8) else {
                 continue;
             };
@@ -850,6 +848,10 @@ impl Engine {
             else {
                 continue;
             };
+            let n_l2 = table_base + j as u64 * level.span();
+            if self.is_installed(shadow, n_l2, leaf_size) {
+                continue;
+            }
             let mut rights = rights & above;
             if eptp.accessed_dirty() {
                 if !attributes.accessed {

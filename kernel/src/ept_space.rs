@@ -2,7 +2,6 @@
 //! their creator donated. Tables are edited through the one walker (`ept::walk`, EPT format).
 
 use crate::paging::{IdentityMemory, MapError};
-use crate::phys;
 use alloc::collections::BTreeMap;
 use alloc::vec::Vec;
 use caps::NodeId;
@@ -73,7 +72,9 @@ pub struct EptLeaf {
     pub memtype: MemType,
 }
 
-/// Free donated frames, as runs of pages.
+/// Free donated frames, as runs of pages. Every frame in a pool is zero: donations are zeroed
+/// when taken, and frames leave a pool for good (as tables, heap or reclaimed memory), so a
+/// new table needs no clearing.
 #[derive(Default)]
 pub struct Pool {
     runs: Vec<(u64, u64)>,
@@ -86,6 +87,12 @@ impl Pool {
             self.runs.push((base, pages));
             self.pages += pages as usize;
         }
+    }
+
+    /// Moves every run of `other` into this pool.
+    pub fn append(&mut self, mut other: Pool) {
+        self.pages += other.pages;
+        self.runs.append(&mut other.runs);
     }
 
     pub fn pop(&mut self) -> Option<u64> {
@@ -120,7 +127,6 @@ impl EptSpace {
     /// A new EPT whose root table comes from `pool`.
     pub fn new(mut pool: Pool) -> Option<Self> {
         let root = pool.pop()?;
-        phys::zero(root, 4096);
         Some(Self {
             root,
             pool,
@@ -167,7 +173,6 @@ impl EptSpace {
         let pool = &mut self.pool;
         let new_table = || {
             let table = pool.pop()?;
-            phys::zero(table, 4096);
             Some(EptEntry::table(table, Rights::RWX).0)
         };
         install(

@@ -65,6 +65,18 @@ pub fn zero(addr: u64, len: usize) -> bool {
     true
 }
 
+/// Copies `len` bytes of RAM from `from` to `to` (both inside the map; the ranges may not
+/// overlap).
+pub fn copy(from: u64, to: u64, len: usize) -> bool {
+    if !in_map(from, len) || !in_map(to, len) || (from < to + len as u64 && to < from + len as u64)
+    {
+        return false;
+    }
+    // SAFETY: both ranges are RAM in the kernel's direct map (checked above) and disjoint.
+    unsafe { core::ptr::copy_nonoverlapping(from as *const u8, to as *mut u8, len) };
+    true
+}
+
 /// Reads the u64 at physical `addr` (8-byte aligned, inside the map).
 pub fn read_u64(addr: u64) -> Option<u64> {
     if !addr.is_multiple_of(8) || !in_map(addr, 8) {

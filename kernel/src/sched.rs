@@ -256,13 +256,19 @@ fn remote(cpu: usize, request: u64) {
     }
 }
 
+/// Appends an object: objects are never reclaimed (docs/abi.md), so the table has no holes
+/// to reuse except the last entry of a creation that failed, which [`uninsert`] pops.
 fn insert<T>(table: &mut Vec<Option<T>>, value: T) -> u32 {
-    if let Some(i) = table.iter().position(Option::is_none) {
-        table[i] = Some(value);
-        i as u32
-    } else {
-        table.push(Some(value));
-        (table.len() - 1) as u32
+    table.push(Some(value));
+    (table.len() - 1) as u32
+}
+
+/// Undoes the [`insert`] that returned `index` (a creation that failed after it).
+pub fn uninsert<T>(table: &mut Vec<Option<T>>, index: u32) {
+    if index as usize + 1 == table.len() {
+        table.pop();
+    } else if let Some(slot) = table.get_mut(index as usize) {
+        *slot = None;
     }
 }
 

@@ -381,7 +381,7 @@ fn handle(
                 .caps
                 .derive_object(space, a[0], space, a[3], part, u32::MAX)
             {
-                k.memory[part as usize] = None;
+                sched::uninsert(&mut k.memory, part);
                 return Err(e.into());
             }
             Ok(DONE)
@@ -409,9 +409,7 @@ fn handle(
             let mut pool = Pool::default();
             take_donation(k, space, a[1], &mut pool)?;
             let ept = k.epts[e as usize].as_mut().ok_or(Status::Inconsistent)?;
-            while let Some(f) = pool.pop() {
-                ept.pool.add(f, 1);
-            }
+            ept.pool.append(pool);
             Ok(Outcome::Done([Some(ept.pool.len() as u64), None, None]))
         }
         Syscall::EptReclaim => {
@@ -492,13 +490,13 @@ fn handle(
                 let in_page = (4096 - (at & 0xfff)) / 8;
                 let n = in_page.min(count - done) as usize;
                 let host = leaf.frame + (at & leaf.size.offset_mask());
-                let mut buf = [0u64; 512];
-                if write {
-                    phys::read_words(utcb + done * 8, &mut buf[..n]);
-                    phys::write_words(host, &buf[..n]);
+                let (from, to) = if write {
+                    (utcb + done * 8, host)
                 } else {
-                    phys::read_words(host, &mut buf[..n]);
-                    phys::write_words(utcb + done * 8, &buf[..n]);
+                    (host, utcb + done * 8)
+                };
+                if !phys::copy(from, to, n * 8) {
+                    return Err(Status::Inconsistent);
                 }
                 done += n as u64;
             }
@@ -656,7 +654,7 @@ fn handle(
                 .caps
                 .derive_object(space, a[0], space, a[3], part, u32::MAX)
             {
-                k.io_ranges[part as usize] = None;
+                sched::uninsert(&mut k.io_ranges, part);
                 return Err(e.into());
             }
             Ok(DONE)
@@ -882,6 +880,8 @@ fn take_donation(k: &mut Kernel, space: u32, sel: u64, pool: &mut Pool) -> Resul
         .delete_with(space, sel, &mut |_| {}, &mut |_, key| keys.push(key))?;
     k.drop_mappings(keys);
     k.donated.add(obj.base, end);
+    // Pool frames are zero (`ept_space::Pool`): zeroed once here, not per table.
+    phys::zero(obj.base, (pages * 4096) as usize);
     pool.add(obj.base, pages);
     Ok(())
 }

@@ -82,7 +82,7 @@ use vcpu::controls::EptVpidCapabilities;
 
 /// Pages per donation to a shadow's kernel pool (one piece of the reserve).
 pub const DONATION_PAGES: u64 = 1 << DONATION_ORDER;
-const DONATION_ORDER: u64 = 3;
+const DONATION_ORDER: u64 = 5;
 /// Lines of the L1 EPT table cache (64 bytes each, and 16 bytes of tag and stamp: 20 KiB of
 /// heap). A walk touches 4 lines; L1's tables for the nested scenario fit many times over.
 pub const CACHE_LINES: usize = 256;
