@@ -59,6 +59,14 @@ impl NodeIndex {
         }
     }
 
+    /// Every (key, node, tag) recorded, in no particular order.
+    pub fn iter(&self) -> impl Iterator<Item = (u64, NodeId, u8)> + '_ {
+        self.slots
+            .iter()
+            .filter(|s| s.0 != EMPTY)
+            .map(|&(k, n, t)| (k, NodeId::from_index(n), t))
+    }
+
     /// The node and tag recorded for `key`.
     pub fn get(&self, key: u64) -> Option<(NodeId, u8)> {
         self.find(key)

@@ -95,6 +95,17 @@ pub trait ShadowBackend {
     /// the page (for instance because it was revoked under the reader's feet).
     fn read_l1(&self, l1_gpa: u64) -> Result<u64, MemoryError>;
 
+    /// Reads the eight u64 of the 64-byte line holding `l1_gpa` (prefetching reads a whole
+    /// line of L1's table). A backend with a cheaper bulk read overrides this.
+    fn read_l1_line(&self, l1_gpa: u64) -> Result<[u64; 8], MemoryError> {
+        let line = l1_gpa & !63;
+        let mut words = [0; 8];
+        for (i, w) in words.iter_mut().enumerate() {
+            *w = self.read_l1(line + 8 * i as u64)?;
+        }
+        Ok(words)
+    }
+
     /// Atomically replaces the u64 at L1 guest-physical `l1_gpa` with `new` if it still holds
     /// `expected` (for setting L1's EPT accessed and dirty flags). Returns whether it did.
     fn compare_exchange_l1(

@@ -818,27 +818,32 @@ impl Engine {
         let Some(leaf_size) = level.leaf_size() else {
             return Ok(0);
         };
-        let mut above = Rights::RWX;
-        for step in &t.path.steps()[..t.path.steps().len().saturating_sub(1)] {
-            if let Some(l) = Level::new(step.level)
-                && let Decoded::Table { rights, .. } = self.format.decode(l, step.entry)
-            {
-                above &= rights;
-            }
-        }
         let table_span = level.span() << Level::INDEX_BITS;
         let table_base = gpa & !(table_span - 1);
         let first = leaf.index.get() & !7;
+        // The line the walk just read (cached by a caching backend). Entries with no rights
+        // hold nothing to prefetch: a sparse table costs no decoding and no region lookup.
+        let Ok(line) = backend.read_l1_line(leaf.table + first as u64 * 8) else {
+            return Ok(0);
+        };
+        let mut above = None;
         let mut count = 0u16;
         for j in first..first + 8 {
-            if j == leaf.index.get() {
+            let raw = line[j - first];
+            if j == leaf.index.get() || raw & 7 == 0 {
                 continue;
             }
-            // The entry first (the line is cached from the walk): most lines of a sparse
-            // table hold nothing to prefetch, and that costs no region lookup.
-            let Ok(raw) = backend.read_l1(leaf.table + j as u64 * 8) else {
-                continue;
-            };
+            let above = *above.get_or_insert_with(|| {
+                let mut rights = Rights::RWX;
+                for step in &t.path.steps()[..t.path.steps().len().saturating_sub(1)] {
+                    if let Some(l) = Level::new(step.level)
+                        && let Decoded::Table { rights: r, .. } = self.format.decode(l, step.entry)
+                    {
+                        rights &= r;
+                    }
+                }
+                rights
+            });
             let Decoded::Leaf {
                 address,
                 size,

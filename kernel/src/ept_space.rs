@@ -7,7 +7,7 @@ use alloc::vec::Vec;
 use caps::NodeId;
 use caps::index::NodeIndex;
 use ept::entry::{EptEntry, Eptp, MemType, PageSize, Rights};
-use ept::walk::{Level, TrustedEpt, Writable, install, remove, walk};
+use ept::walk::{Level, TrustedEpt, WalkError, Writable, install, remove, walk};
 
 /// Derivation-tree space ids of EPT objects start here (PDs use 0..SPACES).
 pub const EPT_SPACE_BASE: u32 = 0x1000;
@@ -54,6 +54,17 @@ impl Mappings {
     /// Records a mapping; false if one is recorded at `address` already.
     pub fn insert(&mut self, address: u64, node: NodeId, size: PageSize) -> bool {
         self.0.insert(address, node, Self::tag_of(size))
+    }
+
+    /// Every mapping, in no particular order.
+    pub fn iter(&self) -> impl Iterator<Item = (u64, NodeId, PageSize)> + '_ {
+        self.0
+            .iter()
+            .map(|(a, node, tag)| (a, node, Self::size_of_tag(tag)))
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
     }
 
     pub fn remove(&mut self, address: u64) -> Option<(NodeId, PageSize)> {
@@ -193,6 +204,45 @@ impl EptSpace {
         remove(&TrustedEpt, access, self.root, gpa, size)
             .map(|_| ())
             .map_err(MapError::from)
+    }
+
+    /// The derivation nodes of every leaf overlapping `[start, end)` (a leaf reaching beyond
+    /// the range counts). A range wider than the mappings are many is answered from the
+    /// mapping index; a narrower one by walking the tables, skipping absent subtrees whole.
+    pub fn nodes_overlapping(&self, start: u64, end: u64) -> Vec<NodeId> {
+        let mut nodes = Vec::new();
+        if (end - start) / PageSize::Size2M.bytes() > self.mappings.len() as u64 {
+            for (address, node, size) in self.mappings.iter() {
+                if address < end && address + size.bytes() > start {
+                    nodes.push(node);
+                }
+            }
+            return nodes;
+        }
+        let format = TrustedEpt;
+        let mut at = start;
+        while at < end {
+            let next = match walk(&format, &IdentityMemory, self.root, at) {
+                Ok(t) => {
+                    let base = t.size.align_down(at);
+                    if let Some((node, size)) = self.mappings.get(base)
+                        && size == t.size
+                    {
+                        nodes.push(node);
+                    }
+                    base + t.size.bytes()
+                }
+                Err(WalkError::NotPresent { path }) => {
+                    // Everything the absent entry would have translated is absent.
+                    let level = path.last().map_or(Level::ROOT_4.number(), |s| s.level);
+                    let span = Level::new(level).map_or(PageSize::Size4K.bytes(), Level::span);
+                    (at & !(span - 1)) + span
+                }
+                Err(_) => (at & !0xfff) + 0x1000,
+            };
+            at = next;
+        }
+        nodes
     }
 
     /// What `gpa` maps to.

@@ -457,6 +457,29 @@ fn handle(
             k.drop_mappings(keys);
             Ok(Outcome::Done([Some(n), None, None]))
         }
+        Syscall::EptUnmapRange => {
+            let e = lookup::<Ept>(k, space, a[0], EptRights::UNMAP)?;
+            let (start, length) = (a[1], a[2]);
+            if !start.is_multiple_of(4096) || !length.is_multiple_of(4096) {
+                return Err(Status::Unaligned);
+            }
+            let end = start
+                .checked_add(length)
+                .filter(|&end| length != 0 && end <= 1 << 48)
+                .ok_or(Status::OutOfRange)?;
+            let nodes = k.epts[e as usize]
+                .as_ref()
+                .ok_or(Status::Inconsistent)?
+                .nodes_overlapping(start, end);
+            let mut keys = Vec::new();
+            for node in nodes {
+                k.caps
+                    .remove_node(node, &mut |_| {}, &mut |_, key| keys.push(key))?;
+            }
+            let n = keys.len() as u64;
+            k.drop_mappings(keys);
+            Ok(Outcome::Done([Some(n), None, None]))
+        }
         Syscall::EptInvalidate => {
             let e = lookup::<Ept>(k, space, a[0], EptRights::INVALIDATE)?;
             k.invalidate_ept(e);

@@ -1,13 +1,11 @@
 //! What the nested VMM and the L0 pager share: guest memory reached through an EPT object
-//! (`EptRead`, `EptWrite`), the `EptMap` flags and results in `ept` types, the leaves an EPT
-//! object's owner tracks, and the L0 pager's protocol.
+//! (`EptRead`, `EptWrite`), the `EptMap` flags and results in `ept` types, and the L0 pager's
+//! protocol.
 //!
 //! - [`ept_read`], [`ept_write`]: the two calls of `docs/abi.md` ("EPT objects") that copy
 //!   guest-physical memory through the caller's UTCB;
 //! - [`map_flags`], [`Mapped::decode`]: `EptMap`'s flag word and results, from and to
 //!   [`ept::entry`] types;
-//! - [`Leaves`]: which leaves a user-level owner put into an EPT object (the kernel's `EptUnmap`
-//!   needs the exact address and order of each);
 //! - [`TableCache`]: L1's EPT table entries cached by line, under the architecture's rules for
 //!   paging-structure caches;
 //! - [`pager`]: the L0 pager's protocol, page pattern and bookkeeping.
@@ -18,11 +16,9 @@ use crate::utcb;
 use abi::{Status, Syscall, UTCB_WORDS};
 use ept::entry::{MemType, PageSize, Rights};
 
-mod leaves;
 pub mod pager;
 mod table_cache;
 
-pub use leaves::Leaves;
 pub use table_cache::{CacheStats, LINE_WORDS, TableCache};
 
 #[inline(always)]

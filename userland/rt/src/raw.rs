@@ -64,6 +64,8 @@ fn utcb_write(word: usize, value: u64) {
 
 const RECEIVE_SLOT_WORD: usize = offset_of!(Utcb, receive_slot) / 8;
 const FIRST_MESSAGE_WORD: usize = offset_of!(Utcb, words) / 8;
+// The extra message words fit the UTCB page (the bulk copies below rely on it).
+const _: () = assert!(FIRST_MESSAGE_WORD + UTCB_WORDS <= PAGE_WORDS);
 
 /// The main thread's UTCB: the receive slot and the extra message words.
 pub mod utcb {
@@ -92,8 +94,11 @@ pub mod utcb {
     /// Copies `words` into the extra message words (at most `UTCB_WORDS`); returns how many.
     pub fn write_words(words: &[u64]) -> usize {
         let n = words.len().min(UTCB_WORDS);
+        let base = utcb_word_address(FIRST_MESSAGE_WORD) as *mut u64;
         for (i, w) in words[..n].iter().enumerate() {
-            set_word(i, *w);
+            // SAFETY: as in `utcb_write`: word `FIRST_MESSAGE_WORD + i` lies inside the UTCB
+            // page because `i < UTCB_WORDS` (the page's extra message words).
+            unsafe { core::ptr::write_volatile(base.add(i), *w) };
         }
         n
     }
@@ -101,8 +106,10 @@ pub mod utcb {
     /// Copies the first `out.len()` extra message words (at most `UTCB_WORDS`) into `out`.
     pub fn read_words(out: &mut [u64]) -> usize {
         let n = out.len().min(UTCB_WORDS);
+        let base = utcb_word_address(FIRST_MESSAGE_WORD) as *const u64;
         for (i, w) in out[..n].iter_mut().enumerate() {
-            *w = word(i);
+            // SAFETY: as in `utcb_read`, for word `FIRST_MESSAGE_WORD + i < PAGE_WORDS`.
+            *w = unsafe { core::ptr::read_volatile(base.add(i)) };
         }
         n
     }

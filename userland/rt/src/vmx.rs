@@ -74,6 +74,13 @@ pub fn ept_unmap(ept: Selector, gpa: u64, order: u64) -> Result<u64> {
     invoke(Syscall::EptUnmap, [ept, gpa, order, 0, 0, 0]).map(|r| r[0])
 }
 
+/// `EptUnmapRange` (UNMAP): removes every leaf of `ept` overlapping `[gpa, gpa + length)` (4
+/// KiB aligned; a leaf reaching beyond the range goes whole) with its derived mappings, and
+/// invalidates once. Returns the mappings removed (derived ones included).
+pub fn ept_unmap_range(ept: Selector, gpa: u64, length: u64) -> Result<u64> {
+    invoke(Syscall::EptUnmapRange, [ept, gpa, length, 0, 0, 0]).map(|r| r[0])
+}
+
 /// `EptInvalidate` (INVALIDATE): INVEPT for `ept` on every CPU that may cache it.
 pub fn ept_invalidate(ept: Selector) -> Result<()> {
     invoke(Syscall::EptInvalidate, [ept, 0, 0, 0, 0, 0]).map(|_| ())

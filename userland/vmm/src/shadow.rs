@@ -16,10 +16,9 @@
 //!   mapping, the entry goes, in every shadow, with nothing here involved. Its results become
 //!   the engine's [`Installed`].
 //! - **Replacing.** `EptMap` refuses an occupied slot (`AlreadyMapped`), and the kernel keeps a
-//!   table page once a smaller leaf needed it. So on `AlreadyMapped` the backend unmaps the
-//!   leaves it recorded as covering the page and tries again; then, smaller sizes; then, as a
-//!   last resort, unmaps blindly at each size. Which leaves each shadow holds is recorded in
-//!   a [`Leaves`] (`EptUnmap` needs each leaf's exact address and order).
+//!   table page once a smaller leaf needed it. So on `AlreadyMapped` the backend empties the
+//!   range with one `EptUnmapRange` and tries again; then, smaller sizes. The backend keeps
+//!   no record of the leaves: the kernel's range unmap finds them.
 //! - **Memory.** The pool is the [`ShadowPool`]'s memory (more with [`Nested::grow_pool`]).
 //!   Kernel pools are per EPT object, so the backend keeps the VMM's memory as a reserve and
 //!   donates [`DONATION_PAGES`]-page pieces (`MemSplit`, `EptDonate`) to whichever shadow
@@ -28,9 +27,9 @@
 //!   and the engine evicts (which frees the 64-byte mapping records, not table pages: the
 //!   kernel does not free tables). [`Nested::shrink_pool`] takes free pages back from the
 //!   kernel pools into the reserve.
-//! - **`unmap` and `flush`** are one `EptUnmap` per recorded leaf. Each removal invalidates the
-//!   shadow on every CPU that may cache it (the kernel's `drop_mappings`), so `flush` needs no
-//!   separate `EptInvalidate`.
+//! - **`unmap` and `flush`** are one `EptUnmapRange` each (`flush` over the whole
+//!   guest-physical space). The kernel invalidates the shadow on every CPU that may cache it
+//!   once per call (its `drop_mappings`), so `flush` needs no separate `EptInvalidate`.
 //! - **Reading L1's EPT** is `EptRead` through a [`TableCache`] of 64-byte lines (4 system
 //!   calls per cold walk otherwise, and 7 more reads for prefetching). The cache's rules
 //!   (`rt::nested::TableCache`) are the architecture's for paging-structure caches: present
@@ -62,7 +61,7 @@
 
 use abi::{EndpointRights, EptRights, MemoryRights, ObjectKind, Status};
 use alloc::boxed::Box;
-use alloc::collections::BTreeMap;
+use alloc::collections::BTreeSet;
 use alloc::vec::Vec;
 use core::cell::{Cell, RefCell};
 use core::ops::Range;
@@ -75,12 +74,14 @@ use ept::walk::MemoryError;
 use rt::Selector;
 use rt::layout::{SELF_PD, SLOTS};
 use rt::nested::pager::{self, Layout, Revoked};
-use rt::nested::{self, Leaves, MAX_WORDS, Mapped, TableCache, map_flags, order_of};
+use rt::nested::{self, MAX_WORDS, Mapped, TableCache, map_flags};
 use rt::sys;
 use rt::vmx;
 use vcpu::controls::EptVpidCapabilities;
 
 /// Pages per donation to a shadow's kernel pool (one piece of the reserve).
+/// Every guest-physical address a 4-level EPT translates (`flush` unmaps this range).
+const GUEST_PHYSICAL_SPAN: u64 = 1 << 48;
 pub const DONATION_PAGES: u64 = 1 << DONATION_ORDER;
 const DONATION_ORDER: u64 = 5;
 /// Lines of the L1 EPT table cache (64 bytes each, and 16 bytes of tag and stamp: 20 KiB of
@@ -206,8 +207,6 @@ pub struct BackendStats {
     pub smaller_after_conflict: u64,
     /// Leaves unmapped (by `unmap`, `flush`, `destroy_shadow`, replacements).
     pub unmapped: u64,
-    /// Recorded leaves the kernel had already removed (revoked through L1's EPT).
-    pub already_gone: u64,
     /// Shadow EPT objects created, reused.
     pub objects_created: u64,
     pub objects_reused: u64,
@@ -278,17 +277,12 @@ impl Reserve {
     }
 }
 
-#[derive(Debug, Default)]
-struct Shadow {
-    leaves: Leaves,
-}
-
 /// The system-call [`ShadowBackend`] (see the module documentation).
 pub struct KernelBackend {
     l1_ept: Selector,
     slots: SlotRange,
     reserve: Reserve,
-    shadows: BTreeMap<Selector, Shadow>,
+    shadows: BTreeSet<Selector>,
     /// Emptied shadow objects, for reuse.
     idle: Vec<Selector>,
     cache: RefCell<TableCache>,
@@ -306,7 +300,7 @@ impl KernelBackend {
                 pieces: alloc::vec![(pool.memory, pool_pages, 0)],
                 loose: Vec::new(),
             },
-            shadows: BTreeMap::new(),
+            shadows: BTreeSet::new(),
             idle: Vec::new(),
             cache: RefCell::new(TableCache::new(CACHE_LINES)),
             stats: BackendStats::default(),
@@ -359,7 +353,7 @@ impl KernelBackend {
     fn reclaim(&mut self, pages: u64, live: bool) -> u64 {
         let mut objects: Vec<Selector> = self.idle.clone();
         if live {
-            objects.extend(self.shadows.keys().copied());
+            objects.extend(self.shadows.iter().copied());
         }
         let mut got = 0;
         for object in objects {
@@ -407,19 +401,13 @@ impl KernelBackend {
         }
     }
 
-    /// Unmaps one recorded leaf; returns whether the kernel still held it.
-    fn unmap_leaf(&mut self, shadow: Selector, base: u64, size: PageSize) -> bool {
-        if let Some(s) = self.shadows.get_mut(&shadow) {
-            s.leaves.remove(base, size);
-        }
-        match vmx::ept_unmap(shadow, base, order_of(size)) {
-            Ok(_) => {
-                self.stats.unmapped += 1;
-                true
-            }
-            Err(Status::NotMapped) => {
-                self.stats.already_gone += 1;
-                false
+    /// Unmaps every leaf of `shadow` overlapping `[base, base + length)` (one
+    /// `EptUnmapRange`); returns whether there was any.
+    fn unmap_range(&mut self, shadow: Selector, base: u64, length: u64) -> bool {
+        match vmx::ept_unmap_range(shadow, base, length) {
+            Ok(n) => {
+                self.stats.unmapped += n;
+                n != 0
             }
             Err(e) => {
                 self.fail(e);
@@ -428,35 +416,14 @@ impl KernelBackend {
         }
     }
 
-    /// Unmaps the recorded leaves translating `l2_gpa`; returns whether any was there.
-    fn unmap_covering(&mut self, shadow: Selector, l2_gpa: u64) -> bool {
-        let covering = self
-            .shadows
-            .get(&shadow)
-            .map(|s| s.leaves.covering(l2_gpa))
-            .unwrap_or_default();
-        let mut any = false;
-        for (base, size) in covering {
-            any |= self.unmap_leaf(shadow, base, size);
-        }
-        any
-    }
-
-    /// Unmaps every recorded leaf of `shadow`.
+    /// Unmaps every leaf of `shadow`.
     fn empty(&mut self, shadow: Selector) {
-        let all = self
-            .shadows
-            .get_mut(&shadow)
-            .map(|s| s.leaves.take_all())
-            .unwrap_or_default();
-        for (base, size) in all {
-            self.unmap_leaf(shadow, base, size);
-        }
+        self.unmap_range(shadow, 0, GUEST_PHYSICAL_SPAN);
     }
 
     fn shadow(&self, id: ShadowId) -> Result<Selector, BackendError> {
         let selector = Selector::from(id.0);
-        if self.shadows.contains_key(&selector) {
+        if self.shadows.contains(&selector) {
             Ok(selector)
         } else {
             Err(BackendError::NoSuchShadow)
@@ -475,7 +442,7 @@ fn smaller(size: PageSize) -> Option<PageSize> {
 impl ShadowBackend for KernelBackend {
     fn create_shadow(&mut self) -> Result<ShadowId, BackendError> {
         if let Some(object) = self.idle.pop() {
-            self.shadows.insert(object, Shadow::default());
+            self.shadows.insert(object);
             self.stats.objects_reused += 1;
             return Ok(ShadowId(object as u32));
         }
@@ -491,7 +458,7 @@ impl ShadowBackend for KernelBackend {
                 self.slots.free(piece);
                 self.stats.pages_donated += pages;
                 self.stats.objects_created += 1;
-                self.shadows.insert(slot, Shadow::default());
+                self.shadows.insert(slot);
                 Ok(ShadowId(slot as u32))
             }
             Err(e) => {
@@ -540,7 +507,7 @@ impl ShadowBackend for KernelBackend {
         }
         let (l2, l1) = (l2_gpa & !0xfff, l1_gpa & !0xfff);
         let mut size = max_size;
-        let (mut cleared, mut blind) = (false, false);
+        let mut cleared = false;
         // Each round either returns or changes something (a donation, a removal, a smaller
         // size); the bound only guards against a kernel that keeps answering the same.
         for _ in 0..16 {
@@ -550,9 +517,6 @@ impl ShadowBackend for KernelBackend {
                     let Some(mapped) = Mapped::decode(order, got_rights, got_memtype) else {
                         return Err(self.fail(Status::Inconsistent));
                     };
-                    if let Some(s) = self.shadows.get_mut(&selector) {
-                        s.leaves.insert(l2, mapped.size);
-                    }
                     self.stats.installs += 1;
                     return Ok(Installed {
                         size: mapped.size,
@@ -570,8 +534,9 @@ impl ShadowBackend for KernelBackend {
                 Err(Status::OutOfNodes) => return Err(BackendError::OutOfNodes),
                 Err(Status::AlreadyMapped) => {
                     if !cleared {
+                        // Whatever leaf translates the page goes (of any size).
                         cleared = true;
-                        if self.unmap_covering(selector, l2) {
+                        if self.unmap_range(selector, l2, PageSize::Size4K.bytes()) {
                             self.stats.replaced += 1;
                             continue;
                         }
@@ -580,12 +545,6 @@ impl ShadowBackend for KernelBackend {
                         // Smaller leaves, or the table page they left, occupy the range.
                         size = s;
                         self.stats.smaller_after_conflict += 1;
-                    } else if !blind {
-                        // A leaf we have no record of: unmap whatever translates the page.
-                        blind = true;
-                        for s in PageSize::DESCENDING {
-                            let _ = vmx::ept_unmap(selector, s.align_down(l2), order_of(s));
-                        }
                     } else {
                         return Err(self.fail(Status::AlreadyMapped));
                     }
@@ -598,15 +557,7 @@ impl ShadowBackend for KernelBackend {
 
     fn unmap(&mut self, shadow: ShadowId, l2_gpa: u64, size: PageSize) -> Result<(), BackendError> {
         let selector = self.shadow(shadow)?;
-        let base = size.align_down(l2_gpa);
-        let leaves = self
-            .shadows
-            .get(&selector)
-            .map(|s| s.leaves.overlapping(base, size.bytes()))
-            .unwrap_or_default();
-        for (b, s) in leaves {
-            self.unmap_leaf(selector, b, s);
-        }
+        self.unmap_range(selector, size.align_down(l2_gpa), size.bytes());
         Ok(())
     }
 
@@ -617,7 +568,7 @@ impl ShadowBackend for KernelBackend {
     }
 
     fn donate_table_pages(&mut self, pages: usize) -> Result<usize, BackendError> {
-        let shadows: Vec<Selector> = self.shadows.keys().copied().collect();
+        let shadows: Vec<Selector> = self.shadows.iter().copied().collect();
         let mut given = 0usize;
         'outer: while given < pages {
             let before = given;
@@ -643,6 +594,20 @@ impl ShadowBackend for KernelBackend {
         let mut cache = self.cache.borrow_mut();
         cache
             .read(l1_gpa & !7, |line, words| {
+                nested::ept_read(self.l1_ept, line, words)
+            })
+            .map_err(|status| {
+                if status != Status::NotBacked {
+                    self.last_error.set(Some(status));
+                }
+                MemoryError::NotBacked { address: l1_gpa }
+            })
+    }
+
+    fn read_l1_line(&self, l1_gpa: u64) -> Result<[u64; 8], MemoryError> {
+        let mut cache = self.cache.borrow_mut();
+        cache
+            .read_line(l1_gpa, |line, words| {
                 nested::ept_read(self.l1_ept, line, words)
             })
             .map_err(|status| {

@@ -140,7 +140,7 @@ impl TableCache {
         let line = address & !(LINE_BYTES - 1);
         let index = ((address % LINE_BYTES) / 8) as usize;
         let set = self.set(line);
-        let slot = self.lines[set];
+        let slot = &self.lines[set];
         if slot.tag == line {
             let value = slot.words[index];
             let fresh = slot.walk == self.walk;
@@ -160,6 +160,34 @@ impl TableCache {
         };
         self.note_used(line, false);
         Ok(words[index])
+    }
+
+    /// The whole line holding `address`, from the cache or fetched. Not-present entries in it
+    /// may be stale (rule 1 does not apply): for prefetching, where a stale not-present entry
+    /// only means a neighbour is not prefetched.
+    pub fn read_line<E>(
+        &mut self,
+        address: u64,
+        fetch: impl FnOnce(u64, &mut [u64; LINE_WORDS]) -> Result<(), E>,
+    ) -> Result<[u64; LINE_WORDS], E> {
+        let line = address & !(LINE_BYTES - 1);
+        let set = self.set(line);
+        if self.lines[set].tag == line {
+            self.stats.hits += 1;
+            let fresh = self.lines[set].walk == self.walk;
+            self.note_used(line, !fresh);
+            return Ok(self.lines[set].words);
+        }
+        let mut words = [0; LINE_WORDS];
+        fetch(line, &mut words)?;
+        self.stats.misses += 1;
+        self.lines[set] = Line {
+            tag: line,
+            walk: self.walk,
+            words,
+        };
+        self.note_used(line, false);
+        Ok(words)
     }
 
     /// Whether the current walk was served a line fetched before it began.
