@@ -731,6 +731,9 @@ fn handle(
             use vcpu::controls::SecondaryControls;
             use vcpu::vmcs::{VmcsAccess, VmcsField as F};
             let t = lookup::<Vcpu>(k, space, a[0], VcpuRights::WRITE_STATE)?;
+            if a[1] > 1 {
+                return Err(Status::InvalidArgument);
+            }
             if k.thread(t).state == State::Running {
                 return Err(Status::Busy);
             }
@@ -738,12 +741,22 @@ fn handle(
             if allowed & u64::from(SecondaryControls::VMCS_SHADOWING.bits()) == 0 {
                 return Err(Status::Unsupported);
             }
-            if k.thread(t)
+            if let Some(shadow) = k
+                .thread(t)
                 .vcpu
                 .as_deref()
-                .is_some_and(|v| v.shadow.is_some())
+                .and_then(|v| v.shadow.as_ref().map(|s| s.vmcs))
             {
+                // Link (a1 = 0) or unlink (1): with the link pointer all ones, the guest's
+                // shadowed VMREAD/VMWRITE fail (VMfailInvalid) without an exit, as a
+                // hypervisor's do with no current VMCS (SDM Vol. 3C §31.3).
+                k.vcpu_vmcs_here(t)?;
+                let link = if a[1] == 0 { shadow } else { u64::MAX };
+                crate::vm::HwVmcs.write(F::VMCS_LINK_POINTER, link);
                 return Ok(DONE);
+            }
+            if a[1] == 1 {
+                return Err(Status::NotMapped);
             }
             let pages = crate::memory::alloc_zeroed_pages(4).ok_or(Status::OutOfMemory)?;
             let (shadow, read_bitmap, write_bitmap) = (pages, pages + 4096, pages + 8192);
@@ -822,32 +835,38 @@ fn handle(
                 return Err(Status::Busy);
             }
             let at = k.thread(me).utcb + UTCB_WORDS_OFFSET;
-            let mut words = [0u64; abi::UTCB_WORDS];
-            phys::read_words(at, &mut words[..pairs * 2]);
-            let mut fields = [vcpu::vmcs::VmcsField::VMCS_LINK_POINTER; abi::UTCB_WORDS / 2];
-            for (i, pair) in words[..pairs * 2].chunks(2).enumerate() {
-                fields[i] = u32::try_from(pair[0])
-                    .ok()
+            // The pairs stay in the UTCB: every field is checked first (nothing happens if one
+            // is bad), then each is read or written in place.
+            let field_at = |i: usize| {
+                phys::read_u64(at + 16 * i as u64)
+                    .and_then(|w| u32::try_from(w).ok())
                     .and_then(vcpu::vmcs::VmcsField::from_encoding)
-                    .ok_or(Status::InvalidArgument)?;
+            };
+            if (0..pairs).any(|i| field_at(i).is_none()) {
+                return Err(Status::InvalidArgument);
             }
             k.vcpu_vmcs_here(t)?;
             let v = k.thread(t).vcpu.as_deref().ok_or(Status::Inconsistent)?;
             let s = v.shadow.as_ref().ok_or(Status::NotMapped)?.vmcs;
             let write = a[2] == 1;
             crate::vm::with_shadow(s, v.vmcs, |m| {
-                for (i, field) in fields[..pairs].iter().enumerate() {
+                for i in 0..pairs {
+                    // Another thread of the caller's PD may rewrite the UTCB meanwhile: a
+                    // field that no longer decodes ends the call.
+                    let Some(field) = field_at(i) else {
+                        return Err(Status::Inconsistent);
+                    };
+                    let value = at + 16 * i as u64 + 8;
                     if write {
-                        m.write(*field, words[2 * i + 1]);
+                        let word = phys::read_u64(value).ok_or(Status::Inconsistent)?;
+                        m.write(field, word);
                     } else {
-                        words[2 * i + 1] = m.read(*field);
+                        phys::write_words(value, &[m.read(field)]);
                     }
                 }
+                Ok(())
             })
-            .ok_or(Status::Inconsistent)?;
-            if !write {
-                phys::write_words(at, &words[..pairs * 2]);
-            }
+            .ok_or(Status::Inconsistent)??;
             Ok(DONE)
         }
         Syscall::DebugExit => {

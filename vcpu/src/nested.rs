@@ -912,6 +912,41 @@ fn stored_msr(state: &GuestState, index: u32) -> Option<u64> {
 }
 
 // ---------------------------------------------------------------------------------------------
+// VMCS shadowing (SDM Vol. 3C §25.10)
+// ---------------------------------------------------------------------------------------------
+
+/// VMCS12 fields a server with VMCS shadowing lets L1 VMREAD without a VM exit, from a shadow
+/// VMCS it keeps equal to the current VMCS12: the exit-information fields every exit handler
+/// reads. L1's VMWRITEs of them still exit (they are read-only unless IA32_VMX_MISC\[29\]).
+pub const SHADOW_READ_ONLY: [VmcsField; 11] = [
+    VmcsField::VM_INSTRUCTION_ERROR,
+    VmcsField::EXIT_REASON,
+    VmcsField::EXIT_QUALIFICATION,
+    VmcsField::GUEST_LINEAR_ADDRESS,
+    VmcsField::GUEST_PHYSICAL_ADDRESS,
+    VmcsField::VM_EXIT_INTERRUPTION_INFORMATION,
+    VmcsField::VM_EXIT_INTERRUPTION_ERROR_CODE,
+    VmcsField::IDT_VECTORING_INFORMATION,
+    VmcsField::IDT_VECTORING_ERROR_CODE,
+    VmcsField::VM_EXIT_INSTRUCTION_LENGTH,
+    VmcsField::VM_EXIT_INSTRUCTION_INFORMATION,
+];
+
+/// VMCS12 fields L1 both VMREADs and VMWRITEs without a VM exit: what a handler changes after
+/// most exits (advancing RIP, injecting an event). They live in the shadow VMCS while L1 runs;
+/// the server takes them back ([`NestedVmx::pull_shadow`]) at L1's next VMX-instruction exit,
+/// before anything reads them.
+pub const SHADOW_READ_WRITE: [VmcsField; 7] = [
+    VmcsField::GUEST_RIP,
+    VmcsField::GUEST_RSP,
+    VmcsField::GUEST_RFLAGS,
+    VmcsField::GUEST_INTERRUPTIBILITY_STATE,
+    VmcsField::VM_ENTRY_INTERRUPTION_INFORMATION,
+    VmcsField::VM_ENTRY_EXCEPTION_ERROR_CODE,
+    VmcsField::VM_ENTRY_INSTRUCTION_LENGTH,
+];
+
+// ---------------------------------------------------------------------------------------------
 // The per-vCPU VMX state of L1
 // ---------------------------------------------------------------------------------------------
 
@@ -976,6 +1011,29 @@ impl NestedVmx {
         self.current
             .and_then(|slot| self.slot(slot))
             .map(|v| &v.image)
+    }
+
+    /// Writes L1's values of shadowed read-write fields (read back from the shadow VMCS) into
+    /// the current VMCS12, as L1's VMWRITEs would have. Fields this VMCS12 does not support
+    /// are ignored; nothing happens without a current VMCS.
+    pub fn pull_shadow(&mut self, values: &[(VmcsField, u64)]) {
+        let supported: [bool; SHADOW_READ_WRITE.len()] = core::array::from_fn(|i| {
+            self.supported_field(u64::from(SHADOW_READ_WRITE[i].encoding()))
+                .is_some()
+        });
+        let Some(v) = self.current_mut() else {
+            return;
+        };
+        for &(field, value) in values {
+            let known = SHADOW_READ_WRITE
+                .iter()
+                .position(|&f| f == field)
+                .is_some_and(|i| supported[i]);
+            if known && v.image.read(field) != value {
+                v.image.write(field, value);
+                v.dirty = true;
+            }
+        }
     }
 
     /// Whether L2 runs (a VM entry succeeded and no exit was reflected since).

@@ -133,6 +133,86 @@ pub fn vcpu_read_state(vcpu: Selector, mask: StateMask) -> Result<ExitMessage> {
     ExitMessage::from_words(&words).map_err(|_| Status::Inconsistent)
 }
 
+/// `VcpuShadowVmcs`: gives `vcpu` a shadow VMCS and links it (`link`), or links or unlinks
+/// the one it has. `Unsupported` without VMCS shadowing.
+pub fn vcpu_shadow_vmcs(vcpu: Selector, link: bool) -> Result<()> {
+    invoke(
+        Syscall::VcpuShadowVmcs,
+        [vcpu, u64::from(!link), 0, 0, 0, 0],
+    )
+    .map(|_| ())
+}
+
+/// `VcpuShadowFields`: the guest's VMREADs (`read`) and VMWRITEs (`write`) of `fields` go to
+/// the shadow VMCS without a VM exit.
+pub fn vcpu_shadow_fields(
+    vcpu: Selector,
+    fields: &[vcpu::vmcs::VmcsField],
+    read: bool,
+    write: bool,
+) -> Result<()> {
+    let flags = if read { abi::SHADOW_READ } else { 0 } | if write { abi::SHADOW_WRITE } else { 0 };
+    let mut words = [0u64; 64];
+    for chunk in fields.chunks(words.len()) {
+        for (w, f) in words.iter_mut().zip(chunk) {
+            *w = u64::from(f.encoding()) | flags;
+        }
+        utcb::write_words(&words[..chunk.len()]);
+        invoke(
+            Syscall::VcpuShadowFields,
+            [vcpu, chunk.len() as u64, 0, 0, 0, 0],
+        )?;
+    }
+    Ok(())
+}
+
+/// The most field-value pairs one `VcpuShadowAccess` moves.
+pub const SHADOW_PAIRS: usize = abi::UTCB_WORDS / 2;
+
+/// `VcpuShadowAccess`: writes `(field, value)` pairs (1 to [`SHADOW_PAIRS`]) into `vcpu`'s
+/// shadow VMCS.
+pub fn vcpu_shadow_write(vcpu: Selector, pairs: &[(vcpu::vmcs::VmcsField, u64)]) -> Result<()> {
+    if pairs.is_empty() || pairs.len() > SHADOW_PAIRS {
+        return Err(Status::InvalidArgument);
+    }
+    let mut words = [0u64; 2 * 32];
+    for chunk in pairs.chunks(32) {
+        for (w, &(f, v)) in words.chunks_mut(2).zip(chunk) {
+            w[0] = u64::from(f.encoding());
+            w[1] = v;
+        }
+        utcb::write_words(&words[..2 * chunk.len()]);
+        invoke(
+            Syscall::VcpuShadowAccess,
+            [vcpu, chunk.len() as u64, 1, 0, 0, 0],
+        )?;
+    }
+    Ok(())
+}
+
+/// `VcpuShadowAccess`: reads the values of the fields of `pairs` (up to 32) from `vcpu`'s
+/// shadow VMCS into the pairs.
+pub fn vcpu_shadow_read(vcpu: Selector, pairs: &mut [(vcpu::vmcs::VmcsField, u64)]) -> Result<()> {
+    if pairs.is_empty() || pairs.len() > 32 {
+        return Err(Status::InvalidArgument);
+    }
+    let mut words = [0u64; 2 * 32];
+    for (w, (f, _)) in words.chunks_mut(2).zip(pairs.iter()) {
+        w[0] = u64::from(f.encoding());
+    }
+    let n = 2 * pairs.len();
+    utcb::write_words(&words[..n]);
+    invoke(
+        Syscall::VcpuShadowAccess,
+        [vcpu, pairs.len() as u64, 0, 0, 0, 0],
+    )?;
+    utcb::read_words(&mut words[..n]);
+    for (w, (_, v)) in words.chunks(2).zip(pairs.iter_mut()) {
+        *v = w[1];
+    }
+    Ok(())
+}
+
 /// `VcpuSetMask` (WRITE_STATE): the state groups exits with basic reason `reason` carry
 /// (`abi::ALL_EXITS` for every reason).
 pub fn vcpu_set_mask(vcpu: Selector, reason: u64, mask: StateMask) -> Result<()> {

@@ -74,9 +74,10 @@ use vcpu::message::StateMask;
 use vcpu::message::{ControlState, DecodeError, ExitMessage, GuestState, Reply, ResumeAction};
 use vcpu::nested::{
     self as vmx_emulation, EptFault, EptInvalidation, L0Requirements, L1_VMX_EXIT_STATE, L1Memory,
-    L1Resume, L2_EXIT_STATE, NestedVmx, Outcome as VmxOutcome,
+    L1Resume, L2_EXIT_STATE, NestedVmx, Outcome as VmxOutcome, SHADOW_READ_ONLY, SHADOW_READ_WRITE,
 };
 use vcpu::qualification::EptViolationQualification;
+use vcpu::vmcs::{VmcsAccess, VmcsField};
 
 /// Priority of every vCPU object (as for plain guests: below the VMM's).
 const VCPU_PRIORITY: u8 = 90;
@@ -170,6 +171,12 @@ struct VirtualCpu {
     l2_reflected: u64,
     l1_vmx_exits: u64,
     l2_in_l0: u64,
+    /// VMCS shadowing: the fields L1 VMREADs from the shadow VMCS (the read-write ones
+    /// first, `shadow_rw` of them), empty without shadowing.
+    shadow_fields: Vec<VmcsField>,
+    shadow_rw: usize,
+    /// The VMCS12 the shadow VMCS holds and is linked for (L1's current VMCS).
+    mirrored: Option<u64>,
 }
 
 /// How the console lines of a virtual CPU begin.
@@ -454,7 +461,11 @@ impl L1Guest {
             l2_reflected: 0,
             l1_vmx_exits: 0,
             l2_in_l0: 0,
+            shadow_fields: Vec::new(),
+            shadow_rw: 0,
+            mirrored: None,
         });
+        self.shadow_vmcs(self.vcpus.len() - 1)?;
         for (reason, mask) in l1_masks() {
             vmx::vcpu_set_mask(selector, reason, mask)?;
         }
@@ -464,6 +475,74 @@ impl L1Guest {
         let current = vmx::vcpu_read_state(selector, StateMask::CONTROLS)?;
         let rsi = self.request.vcpus | (self.request.mode_code << 8);
         vmx::vcpu_write_state(selector, &boot_state(index, rsi, entry, CR0, &current))
+    }
+
+    /// Gives virtual CPU `v`'s L1 object a shadow VMCS (unlinked until L1 has a current VMCS)
+    /// and lets L1 VMREAD the fields of [`SHADOW_READ_ONLY`] and VMREAD and VMWRITE those of
+    /// [`SHADOW_READ_WRITE`] without an exit, as far as L1's VMCS supports them. Without VMCS
+    /// shadowing every VMREAD and VMWRITE exits and is emulated.
+    fn shadow_vmcs(&mut self, v: usize) -> Result<(), Status> {
+        let l1 = self.vcpus[v].l1;
+        match vmx::vcpu_shadow_vmcs(l1, true) {
+            Ok(()) => {}
+            Err(Status::Unsupported) => return Ok(()),
+            Err(e) => return Err(e),
+        }
+        vmx::vcpu_shadow_vmcs(l1, false)?;
+        let cpu = &mut self.vcpus[v];
+        let supported = |f: &VmcsField| cpu.vmx.supported_field(u64::from(f.encoding())).is_some();
+        let rw: Vec<VmcsField> = SHADOW_READ_WRITE.into_iter().filter(supported).collect();
+        let ro: Vec<VmcsField> = SHADOW_READ_ONLY.into_iter().filter(supported).collect();
+        vmx::vcpu_shadow_fields(l1, &rw, true, true)?;
+        vmx::vcpu_shadow_fields(l1, &ro, true, false)?;
+        cpu.shadow_rw = rw.len();
+        cpu.shadow_fields = rw;
+        cpu.shadow_fields.extend(ro);
+        Ok(())
+    }
+
+    /// Takes L1's VMWRITEs of shadowed fields from the shadow VMCS into the current VMCS12
+    /// (at each VMX-instruction exit of L1, before anything reads them).
+    fn pull_shadow(&mut self, v: usize) -> Result<(), Status> {
+        let cpu = &mut self.vcpus[v];
+        if cpu.mirrored.is_none() || cpu.shadow_rw == 0 {
+            return Ok(());
+        }
+        let mut pairs = [(VmcsField::GUEST_RIP, 0u64); SHADOW_READ_WRITE.len()];
+        let pairs = &mut pairs[..cpu.shadow_rw];
+        for (pair, &field) in pairs.iter_mut().zip(&cpu.shadow_fields) {
+            pair.0 = field;
+        }
+        vmx::vcpu_shadow_read(cpu.l1, pairs)?;
+        cpu.vmx.pull_shadow(pairs);
+        Ok(())
+    }
+
+    /// Makes the shadow VMCS equal to L1's current VMCS12 (after the server changed it: an
+    /// emulated VMX instruction, a reflected exit), linking it, or unlinks it when L1 has no
+    /// current VMCS.
+    fn push_shadow(&mut self, v: usize) -> Result<(), Status> {
+        let cpu = &mut self.vcpus[v];
+        if cpu.shadow_fields.is_empty() {
+            return Ok(());
+        }
+        let Some((address, image)) = cpu.vmx.current_vmcs().zip(cpu.vmx.vmcs12()) else {
+            if cpu.mirrored.take().is_some() {
+                vmx::vcpu_shadow_vmcs(cpu.l1, false)?;
+            }
+            return Ok(());
+        };
+        let mut pairs =
+            [(VmcsField::GUEST_RIP, 0u64); SHADOW_READ_WRITE.len() + SHADOW_READ_ONLY.len()];
+        let pairs = &mut pairs[..cpu.shadow_fields.len()];
+        for (pair, &field) in pairs.iter_mut().zip(&cpu.shadow_fields) {
+            *pair = (field, image.read(field));
+        }
+        vmx::vcpu_shadow_write(cpu.l1, pairs)?;
+        if cpu.mirrored.replace(address).is_none() {
+            vmx::vcpu_shadow_vmcs(cpu.l1, true)?;
+        }
+        Ok(())
     }
 
     fn badge(&self, index: u32) -> u32 {
@@ -673,6 +752,9 @@ impl L1Guest {
         let reply = match exit {
             VmExit::VmxInstruction { .. } => {
                 self.vcpus[v].l1_vmx_exits += 1;
+                if let Err(e) = self.pull_shadow(v) {
+                    return self.vmm_error(v, "VcpuShadowAccess (read) of L1", e);
+                }
                 return self.vmx_instruction(v, &exit, &msg);
             }
             VmExit::Vmcall => {
@@ -1034,6 +1116,9 @@ impl L1Guest {
                 if resume.abort.is_some() {
                     return self.vmx_abort(v);
                 }
+                if let Err(e) = self.push_shadow(v) {
+                    return self.vmm_error(v, "VcpuShadowAccess (write) of L1", e);
+                }
                 return answer(&resume.reply());
             }
             VmxOutcome::Inject(fault) => {
@@ -1067,6 +1152,9 @@ impl L1Guest {
             VmxOutcome::Ok | VmxOutcome::VmFailInvalid | VmxOutcome::VmFailValid(_) => {}
         }
         state.rflags = outcome.rflags(state.rflags);
+        if let Err(e) = self.push_shadow(v) {
+            return self.vmm_error(v, "VcpuShadowAccess (write) of L1", e);
+        }
         answer(&Reply::with_state(
             ResumeAction::Advance,
             StateMask::GPRS.union(StateMask::RIP_RSP_RFLAGS),
@@ -1124,7 +1212,10 @@ impl L1Guest {
                 nested: &mut self.nested,
             };
             return match self.vcpus[v].vmx.failed_entry_exit(&raw, &mut mem) {
-                Some(resume) if resume.abort.is_none() => answer(&resume.reply()),
+                Some(resume) if resume.abort.is_none() => match self.push_shadow(v) {
+                    Ok(()) => answer(&resume.reply()),
+                    Err(e) => self.vmm_error(v, "VcpuShadowAccess (write) of L1", e),
+                },
                 Some(_) => self.vmx_abort(v),
                 None => self.end(v, Outcome::VmmError, e.code()),
             };
@@ -1276,6 +1367,9 @@ impl L1Guest {
         };
         if resume.abort.is_some() {
             return self.vmx_abort(v);
+        }
+        if let Err(e) = self.push_shadow(v) {
+            return self.vmm_error(v, "VcpuShadowAccess (write) of L1", e);
         }
         let l1 = self.vcpus[v].l1;
         if let Err(e) = vmx::vcpu_write_state(l1, &resume.reply()) {
