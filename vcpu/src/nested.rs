@@ -1014,22 +1014,15 @@ impl NestedVmx {
     }
 
     /// Writes L1's values of shadowed read-write fields (read back from the shadow VMCS) into
-    /// the current VMCS12, as L1's VMWRITEs would have. Fields this VMCS12 does not support
-    /// are ignored; nothing happens without a current VMCS.
+    /// the current VMCS12, as L1's VMWRITEs would have. The server shadows only fields of
+    /// [`SHADOW_READ_WRITE`] that [`NestedVmx::supported_field`] accepts; other fields are
+    /// ignored here. Nothing happens without a current VMCS.
     pub fn pull_shadow(&mut self, values: &[(VmcsField, u64)]) {
-        let supported: [bool; SHADOW_READ_WRITE.len()] = core::array::from_fn(|i| {
-            self.supported_field(u64::from(SHADOW_READ_WRITE[i].encoding()))
-                .is_some()
-        });
         let Some(v) = self.current_mut() else {
             return;
         };
         for &(field, value) in values {
-            let known = SHADOW_READ_WRITE
-                .iter()
-                .position(|&f| f == field)
-                .is_some_and(|i| supported[i]);
-            if known && v.image.read(field) != value {
+            if SHADOW_READ_WRITE.contains(&field) && v.image.read(field) != value {
                 v.image.write(field, value);
                 v.dirty = true;
             }

@@ -620,9 +620,14 @@ impl VmcsField {
         }
     }
 
-    /// Position of the (full) field in [`ALL_FIELDS`] and [`FIELD_DESCRIPTORS`].
+    /// Position of the (full) field in [`ALL_FIELDS`] and [`FIELD_DESCRIPTORS`]: one table
+    /// lookup ([`POSITIONS`]), as every VMREAD and VMWRITE of an in-memory VMCS needs it.
     pub fn position(self) -> Option<usize> {
-        ALL_FIELDS.binary_search(&self.full()).ok()
+        let key = position_key(self.0)?;
+        match POSITIONS[key] {
+            NO_POSITION => None,
+            p => Some(p as usize),
+        }
     }
 
     /// The field's descriptor (that of the full field for a high half).
@@ -635,6 +640,37 @@ impl VmcsField {
         self.descriptor().map_or("?", |d| d.name)
     }
 }
+
+/// Index bits [`POSITIONS`] covers (every defined field's index is below 64; IA32_VMX_VMCS_ENUM
+/// of current processors reports at most 0x32).
+const POSITION_INDEX_BITS: u32 = 6;
+const NO_POSITION: u8 = u8::MAX;
+
+/// The [`POSITIONS`] slot of an encoding: width, type and index (the access-type bit and the
+/// reserved bits ignored); `None` for an index beyond the table.
+const fn position_key(encoding: u32) -> Option<usize> {
+    let index = (encoding >> 1) & 0x1ff;
+    if index >= 1 << POSITION_INDEX_BITS || encoding & VmcsField::RESERVED_ENCODING_BITS != 0 {
+        return None;
+    }
+    let class = (((encoding >> 13) & 3) << 2) | ((encoding >> 10) & 3);
+    Some(((class << POSITION_INDEX_BITS) | index) as usize)
+}
+
+/// Encoding (width, type, index) -> position in [`ALL_FIELDS`], built at compile time.
+static POSITIONS: [u8; 16 << POSITION_INDEX_BITS] = {
+    assert!(ALL_FIELDS.len() < NO_POSITION as usize);
+    let mut table = [NO_POSITION; 16 << POSITION_INDEX_BITS];
+    let mut i = 0;
+    while i < ALL_FIELDS.len() {
+        match position_key(ALL_FIELDS[i].0) {
+            Some(key) => table[key] = i as u8,
+            None => panic!("a VMCS field index beyond the position table"),
+        }
+        i += 1;
+    }
+    table
+};
 
 impl fmt::Debug for VmcsField {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -889,9 +925,19 @@ mod tests {
     use super::*;
 
     #[test]
-    fn all_fields_are_sorted_and_unique_so_lookup_is_a_binary_search() {
+    fn all_fields_are_sorted_and_unique() {
         assert!(ALL_FIELDS.windows(2).all(|w| w[0] < w[1]));
         assert_eq!(ALL_FIELDS.len(), FIELD_DESCRIPTORS.len());
+    }
+
+    #[test]
+    fn the_position_table_agrees_with_a_search_for_every_16_bit_encoding() {
+        for encoding in 0..=0xffffu32 {
+            let field = VmcsField(encoding);
+            let searched = ALL_FIELDS.iter().position(|&f| f == field.full());
+            assert_eq!(field.position(), searched, "{encoding:#x}");
+        }
+        assert_eq!(VmcsField(0x1_0000 | 0x681e).position(), None);
     }
 
     #[test]
