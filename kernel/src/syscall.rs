@@ -561,6 +561,14 @@ fn handle(
         Syscall::VcpuWriteState => {
             use vcpu::message::{REPLY_WORDS, Reply};
             let t = lookup::<Vcpu>(k, space, a[0], VcpuRights::WRITE_STATE)?;
+            let run = match a[1] {
+                0 => false,
+                1 => {
+                    lookup::<Vcpu>(k, space, a[0], VcpuRights::RUN)?;
+                    true
+                }
+                _ => return Err(Status::InvalidArgument),
+            };
             if k.thread(t).state == State::Running {
                 return Err(Status::Busy);
             }
@@ -581,6 +589,13 @@ fn handle(
             )
             .map_err(|_| Status::InvalidArgument)?;
             crate::vm::fix_guest_control_registers(true);
+            if run {
+                // As `VcpuRun`, in the same call: the switch between a nested guest's two
+                // vCPU objects is one system call.
+                k.thread_mut(me).ctx.rax = Status::Ok.code();
+                k.resume(t);
+                return Ok(Outcome::Blocked);
+            }
             Ok(DONE)
         }
         Syscall::VcpuReadState => {

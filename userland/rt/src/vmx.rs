@@ -122,6 +122,27 @@ pub fn vcpu_write_state(vcpu: Selector, reply: &Reply) -> Result<()> {
     invoke(Syscall::VcpuWriteState, [vcpu, 0, 0, 0, 0, 0]).map(|_| ())
 }
 
+/// [`vcpu_write_state`] with the reply image written through `destination` (the caller's
+/// UTCB): its header, the groups of its mask and the reserved-half words only.
+pub fn vcpu_write_state_with(
+    vcpu: Selector,
+    reply: &Reply,
+    destination: &mut impl MessageWords,
+) -> Result<()> {
+    write_reply_to(destination, reply);
+    invoke(Syscall::VcpuWriteState, [vcpu, 0, 0, 0, 0, 0]).map(|_| ())
+}
+
+/// [`vcpu_write_state_with`], then `VcpuRun` (RUN), in one system call.
+pub fn vcpu_write_state_and_run(
+    vcpu: Selector,
+    reply: &Reply,
+    destination: &mut impl MessageWords,
+) -> Result<()> {
+    write_reply_to(destination, reply);
+    invoke(Syscall::VcpuWriteState, [vcpu, 1, 0, 0, 0, 0]).map(|_| ())
+}
+
 /// `VcpuReadState` (READ_STATE): the groups of `mask`, as an exit-message image.
 pub fn vcpu_read_state(vcpu: Selector, mask: StateMask) -> Result<ExitMessage> {
     invoke(

@@ -175,6 +175,8 @@ struct VirtualCpu {
     /// first, `shadow_rw` of them), empty without shadowing.
     shadow_fields: Vec<VmcsField>,
     shadow_rw: usize,
+    /// What the shadow VMCS holds of each of `shadow_fields` (while `mirrored`).
+    shadow_values: Vec<u64>,
     /// The VMCS12 the shadow VMCS holds and is linked for (L1's current VMCS).
     mirrored: Option<u64>,
 }
@@ -463,6 +465,7 @@ impl L1Guest {
             l2_in_l0: 0,
             shadow_fields: Vec::new(),
             shadow_rw: 0,
+            shadow_values: Vec::new(),
             mirrored: None,
         });
         self.shadow_vmcs(self.vcpus.len() - 1)?;
@@ -498,6 +501,7 @@ impl L1Guest {
         cpu.shadow_rw = rw.len();
         cpu.shadow_fields = rw;
         cpu.shadow_fields.extend(ro);
+        cpu.shadow_values = alloc::vec![0; cpu.shadow_fields.len()];
         Ok(())
     }
 
@@ -514,6 +518,9 @@ impl L1Guest {
             pair.0 = field;
         }
         vmx::vcpu_shadow_read(cpu.l1, pairs)?;
+        for (i, &(_, value)) in pairs.iter().enumerate() {
+            cpu.shadow_values[i] = value;
+        }
         cpu.vmx.pull_shadow(pairs);
         Ok(())
     }
@@ -532,16 +539,31 @@ impl L1Guest {
             }
             return Ok(());
         };
+        // Only what differs from the shadow's contents, unless it mirrors another VMCS12.
+        let whole = cpu.mirrored != Some(address);
         let mut pairs =
             [(VmcsField::GUEST_RIP, 0u64); SHADOW_READ_WRITE.len() + SHADOW_READ_ONLY.len()];
-        let pairs = &mut pairs[..cpu.shadow_fields.len()];
-        for (pair, &field) in pairs.iter_mut().zip(&cpu.shadow_fields) {
-            *pair = (field, image.read(field));
+        let mut n = 0;
+        for (i, &field) in cpu.shadow_fields.iter().enumerate() {
+            let value = image.read(field);
+            if whole || cpu.shadow_values[i] != value {
+                pairs[n] = (field, value);
+                n += 1;
+            }
         }
-        vmx::vcpu_shadow_write(cpu.l1, pairs)?;
-        if cpu.mirrored.replace(address).is_none() {
+        if n != 0 {
+            cpu.mirrored = None;
+            vmx::vcpu_shadow_write(cpu.l1, &pairs[..n])?;
+            for &(field, value) in &pairs[..n] {
+                if let Some(i) = cpu.shadow_fields.iter().position(|&f| f == field) {
+                    cpu.shadow_values[i] = value;
+                }
+            }
+        }
+        if whole {
             vmx::vcpu_shadow_vmcs(cpu.l1, true)?;
         }
+        cpu.mirrored = Some(address);
         Ok(())
     }
 
@@ -1198,7 +1220,8 @@ impl L1Guest {
         let Some(entry) = cpu.vmx.l2_entry(&l0) else {
             return self.end(v, Outcome::VmmError, Status::Inconsistent.code());
         };
-        if let Err(e) = vmx::vcpu_write_state(l2, &entry.reply(ResumeAction::Resume)) {
+        let reply = entry.reply(ResumeAction::Resume);
+        if let Err(e) = vmx::vcpu_write_state_and_run(l2, &reply, &mut FastUtcb) {
             // The kernel refused L2's state (the host-isolation rules): a failed VM entry for L1.
             log::warn!(
                 "guest{} vcpu{v}: L2's state refused ({e:?}): VM-entry failure for L1",
@@ -1219,9 +1242,6 @@ impl L1Guest {
                 Some(_) => self.vmx_abort(v),
                 None => self.end(v, Outcome::VmmError, e.code()),
             };
-        }
-        if let Err(e) = vmx::vcpu_run(l2) {
-            return self.vmm_error(v, "VcpuRun of L2", e);
         }
         self.vcpus[v].in_l2 = true;
         answer(&Reply::new(ResumeAction::Stop))
@@ -1372,11 +1392,8 @@ impl L1Guest {
             return self.vmm_error(v, "VcpuShadowAccess (write) of L1", e);
         }
         let l1 = self.vcpus[v].l1;
-        if let Err(e) = vmx::vcpu_write_state(l1, &resume.reply()) {
-            return self.vmm_error(v, "VcpuWriteState of L1 after an L2 exit", e);
-        }
-        if let Err(e) = vmx::vcpu_run(l1) {
-            return self.vmm_error(v, "VcpuRun of L1", e);
+        if let Err(e) = vmx::vcpu_write_state_and_run(l1, &resume.reply(), &mut FastUtcb) {
+            return self.vmm_error(v, "VcpuWriteState and VcpuRun of L1 after an L2 exit", e);
         }
         self.vcpus[v].in_l2 = false;
         answer(&Reply::new(ResumeAction::Stop))
