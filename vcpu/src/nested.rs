@@ -757,12 +757,39 @@ struct Vmcs12 {
     dirty: bool,
     /// Recency for eviction.
     last_use: u64,
+    /// Bumped whenever a field outside [`SHADOW_READ_WRITE`] and the exit-information fields
+    /// changes value: what the VM-entry checks read besides the hot fields.
+    stamp: u64,
+    /// The last complete VM-entry check that passed, and what it depends on besides the image.
+    verified: Option<Verified>,
+    /// L2's state at the last exit saved into this VMCS12.
+    saved: Option<GuestState>,
 }
+
+/// A complete VM-entry check that passed on a VMCS12 ([`NestedVmx::vm_entry`]'s fast path).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Verified {
+    /// [`Vmcs12::stamp`] at the check.
+    stamp: u64,
+    /// L1's IA32_EFER.LMA (the host-state checks depend on it).
+    lma: bool,
+}
+
+/// Groups of L2's entry state that a VMRESUME on the fast path does not write: L2's vCPU
+/// object holds them since its exit, and VMCS12 has not changed them (VM-entry carries the
+/// other groups over from L1, or takes them from the fields L1 writes without an exit).
+const FAST_ENTRY_KEPT: StateMask = StateMask::SEGMENTS
+    .union(StateMask::DESCRIPTOR_TABLES)
+    .union(StateMask::SYSENTER)
+    .union(StateMask::PDPTES)
+    .union(StateMask::CONTROLS);
 
 /// What a successful VM entry left for [`NestedVmx::l2_entry`] and the exit path.
 #[derive(Debug, Clone)]
 struct EntryRecord {
     launch: bool,
+    /// A VMRESUME on the fast path (see [`NestedVmx::vm_entry`]).
+    fast: bool,
     /// L1's state at VMLAUNCH/VMRESUME.
     l1: GuestState,
     /// L2's state without the controls.
@@ -967,6 +994,11 @@ pub struct NestedVmx {
     clock: u64,
     /// Some while L2 runs.
     entry: Option<EntryRecord>,
+    /// The VMCS12 whose L2 exited last (reflected into it): L2's vCPU object holds that
+    /// exit's state until the next VM entry.
+    reflected_into: Option<u64>,
+    /// L0's requirements at the last [`NestedVmx::l2_entry`] (L2's controls depend on them).
+    last_l0: Option<L0Requirements>,
 }
 
 impl NestedVmx {
@@ -981,6 +1013,8 @@ impl NestedVmx {
             cache: [const { None }; VMCS_CACHE_SLOTS],
             clock: 0,
             entry: None,
+            reflected_into: None,
+            last_l0: None,
         }
     }
 
@@ -1334,6 +1368,10 @@ impl NestedVmx {
             return self.fail(VmInstructionError::VmwriteReadOnlyComponent);
         }
         if let Some(v) = self.current_mut() {
+            if !SHADOW_READ_WRITE.contains(&field.full()) && v.image.read(field) != value {
+                v.stamp += 1;
+                v.saved = None;
+            }
             v.image.write(field, value);
             v.dirty = true;
         }
@@ -1365,6 +1403,7 @@ impl NestedVmx {
         if ctx.blocked_by_mov_ss {
             return self.fail(VmInstructionError::EntryEventsBlockedByMovSs);
         }
+        let reflected_into = self.reflected_into.take();
         let Some(current) = self.slot(slot) else {
             return Outcome::VmFailInvalid;
         };
@@ -1375,13 +1414,34 @@ impl NestedVmx {
         if !launch && !current.launched {
             return self.fail(VmInstructionError::VmresumeNonLaunchedVmcs);
         }
-        if !self.controls_valid(v) {
-            return self.fail(VmInstructionError::EntryInvalidControlFields);
-        }
-        if !self.host_state_valid(v, &ctx) {
-            return self.fail(VmInstructionError::EntryInvalidHostStateFields);
-        }
-        let pdptes = match self.guest_state_check(v, mem) {
+        // The fast path: a VMRESUME right after an exit of this VMCS12's L2 (reflected into
+        // it), with nothing changed since a complete check passed but the fields L1 writes
+        // through the shadow VMCS, and no VM-entry MSR loads. Only the checks that read those
+        // fields run again; the rest would give the same answer.
+        let lma = ctx.efer & EFER_LMA != 0;
+        let fast = !launch
+            && current.verified
+                == Some(Verified {
+                    stamp: current.stamp,
+                    lma,
+                })
+            && reflected_into == Some(current.address)
+            && v.read32(VmcsField::VM_ENTRY_MSR_LOAD_COUNT) == 0;
+        let checked = if fast {
+            if !self.injection_valid(v, &Controls12::read(v)) {
+                return self.fail(VmInstructionError::EntryInvalidControlFields);
+            }
+            self.guest_hot_check(v).map(|()| None)
+        } else {
+            if !self.controls_valid(v) {
+                return self.fail(VmInstructionError::EntryInvalidControlFields);
+            }
+            if !self.host_state_valid(v, &ctx) {
+                return self.fail(VmInstructionError::EntryInvalidHostStateFields);
+            }
+            self.guest_state_check(v, mem)
+        };
+        let pdptes = match checked {
             Ok(pdptes) => pdptes,
             Err(qualification) => {
                 return Outcome::EntryFailed(self.entry_failure(
@@ -1401,13 +1461,23 @@ impl NestedVmx {
                 mem,
             ));
         }
-        if launch && let Some(v) = self.current_mut() {
-            v.launched = true;
-            v.dirty = true;
+        if let Some(v) = self.current_mut() {
+            if launch {
+                v.launched = true;
+                v.dirty = true;
+            }
+            // The PDPTEs come from the VMCS12 or are not used: a later fast path may skip them.
+            if !fast && pdptes.is_none() {
+                v.verified = Some(Verified {
+                    stamp: v.stamp,
+                    lma,
+                });
+            }
         }
         self.touch(slot);
         self.entry = Some(EntryRecord {
             launch,
+            fast,
             l1: *l1,
             l2,
         });
@@ -1970,17 +2040,21 @@ impl NestedVmx {
         v: &VmcsImage,
         mem: &mut impl L1Memory,
     ) -> Result<Option<[u64; 4]>, u64> {
+        self.guest_registers_check(v)?;
+        self.guest_hot_check(v)?;
+        self.guest_link_and_pdptes_check(v, mem)
+    }
+
+    /// §27.3.1.1-27.3.1.3: control, debug and segment registers, MSRs, descriptor tables.
+    fn guest_registers_check(&self, v: &VmcsImage) -> Result<(), u64> {
         use VmcsField as F;
         const INVALID: u64 = 0;
-        const PDPTE: u64 = 2;
-        const LINK_POINTER: u64 = 4;
         let c = Controls12::read(v);
         let unrestricted = c.secondary.contains(SecondaryControls::UNRESTRICTED_GUEST);
         let ia32e = c.entry.contains(EntryControls::IA32E_MODE_GUEST);
         let cr0 = v.read(F::GUEST_CR0);
         let cr4 = v.read(F::GUEST_CR4);
         let check = |ok: bool| if ok { Ok(()) } else { Err(INVALID) };
-
         // §27.3.1.1: control registers, debug registers, MSRs.
         check(
             self.caps
@@ -2017,6 +2091,19 @@ impl NestedVmx {
             check(canonical(v.read(base)) && v.read32(limit) >> 16 == 0)?;
         }
 
+        Ok(())
+    }
+
+    /// The guest-state checks that read a field of [`SHADOW_READ_WRITE`] (§27.3.1.4 and
+    /// §27.3.1.5 but the VMCS link pointer): RIP, RFLAGS, activity and interruptibility state,
+    /// pending debug exceptions, with the event being injected.
+    fn guest_hot_check(&self, v: &VmcsImage) -> Result<(), u64> {
+        use VmcsField as F;
+        const INVALID: u64 = 0;
+        let c = Controls12::read(v);
+        let ia32e = c.entry.contains(EntryControls::IA32E_MODE_GUEST);
+        let cr0 = v.read(F::GUEST_CR0);
+        let check = |ok: bool| if ok { Ok(()) } else { Err(INVALID) };
         // §27.3.1.4: RIP and RFLAGS.
         let rip = v.read(F::GUEST_RIP);
         let cs = Seg::read(v, CS);
@@ -2074,6 +2161,23 @@ impl NestedVmx {
             let bs = pending & (1 << 14) != 0;
             check(bs == (tf && !btf))?;
         }
+        Ok(())
+    }
+
+    /// §27.3.1.5 (the VMCS link pointer) and §27.3.1.6 (PDPTEs): the PDPTEs to load, when
+    /// VM entry loads them from memory.
+    fn guest_link_and_pdptes_check(
+        &self,
+        v: &VmcsImage,
+        mem: &mut impl L1Memory,
+    ) -> Result<Option<[u64; 4]>, u64> {
+        use VmcsField as F;
+        const PDPTE: u64 = 2;
+        const LINK_POINTER: u64 = 4;
+        let c = Controls12::read(v);
+        let ia32e = c.entry.contains(EntryControls::IA32E_MODE_GUEST);
+        let cr0 = v.read(F::GUEST_CR0);
+        let cr4 = v.read(F::GUEST_CR4);
         let link = v.read(F::VMCS_LINK_POINTER);
         if link != u64::MAX {
             // No VMCS shadowing: a linked VMCS must be an ordinary one (bit 31 clear).
@@ -2360,8 +2464,16 @@ impl NestedVmx {
         exit.reason &= !ExitReasonField::ENTRY_FAILURE;
         exit.store(&mut v.image);
         save_guest_state(&mut v.image, &c, l2, stores_lma);
+        // The same values as the last exit saved into this VMCS12 (no VMWRITE since, or the
+        // stamp moved anyway) leave what the VM-entry checks read unchanged.
+        if !v.saved.as_ref().is_some_and(|s| same_saved_state(s, l2)) {
+            v.stamp += 1;
+            v.saved = Some(*l2);
+        }
         v.dirty = true;
+        let address = v.address;
         self.entry = None;
+        self.reflected_into = Some(address);
         let v = self.vmcs12()?;
 
         // §28.4: VM-exit MSR-store area.
@@ -2621,7 +2733,8 @@ impl NestedVmx {
     ///   for L0's.
     ///
     /// `None` when L2 is not running.
-    pub fn l2_entry(&self, l0: &L0Requirements) -> Option<L2Entry> {
+    pub fn l2_entry(&mut self, l0: &L0Requirements) -> Option<L2Entry> {
+        let last_l0 = self.last_l0.replace(*l0);
         use VmcsField as F;
         let record = self.entry.as_ref()?;
         let v = self.vmcs12()?;
@@ -2672,7 +2785,11 @@ impl NestedVmx {
         let uses = |flag| c.primary.contains(flag);
         Some(L2Entry {
             state,
-            mask: L2_ENTRY_STATE,
+            mask: if record.fast && last_l0 == Some(*l0) {
+                L2_ENTRY_STATE - FAST_ENTRY_KEPT
+            } else {
+                L2_ENTRY_STATE
+            },
             launch: record.launch,
             eptp: c
                 .secondary
@@ -2763,6 +2880,9 @@ impl NestedVmx {
             launched,
             dirty: false,
             last_use: 0,
+            stamp: 0,
+            verified: None,
+            saved: None,
         });
         slot
     }
@@ -2995,6 +3115,24 @@ fn save_guest_state(v: &mut VmcsImage, c: &Controls12, l2: &GuestState, stores_l
         F::VM_ENTRY_INTERRUPTION_INFORMATION,
         information & !u64::from(EventInfo::VALID),
     );
+}
+
+/// Whether [`save_guest_state`] of `a` and of `b` write the same values into the fields
+/// outside [`SHADOW_READ_WRITE`] (the guest-state area but RIP, RSP, RFLAGS and the
+/// interruptibility state; the VM-entry controls' IA-32e mode guest bit follows EFER.LMA).
+fn same_saved_state(a: &GuestState, b: &GuestState) -> bool {
+    a.cr0 == b.cr0
+        && a.cr3 == b.cr3
+        && a.cr4 == b.cr4
+        && a.dr7 == b.dr7
+        && a.segments() == b.segments()
+        && a.gdtr == b.gdtr
+        && a.idtr == b.idtr
+        && (a.sysenter_cs, a.sysenter_esp, a.sysenter_eip)
+            == (b.sysenter_cs, b.sysenter_esp, b.sysenter_eip)
+        && (a.efer, a.pat) == (b.efer, b.pat)
+        && (a.activity, a.pending_debug_exceptions) == (b.activity, b.pending_debug_exceptions)
+        && a.pdptes == b.pdptes
 }
 
 /// Whether a control-register access of L2 exits to L1 (§26.1.3).
@@ -4464,6 +4602,116 @@ mod tests {
         assert!(!again.launch);
         assert_eq!(again.state.rip, L2_RIP + 0x42);
         assert_eq!(again.state.gprs.rax, 0xcafe);
+    }
+
+    /// A launched L2 that took CPUID exits reflected to L1, twice (L1 now runs its handler):
+    /// the second exit saves what the first did, so VMCS12 is as the last check found it.
+    fn after_reflected_cpuid() -> Fixture {
+        let mut f = Fixture::launched();
+        for round in 0..2 {
+            if round > 0 {
+                assert_eq!(f.vmresume(), Outcome::Resume);
+            }
+            let l2 = f.vmx.l2_entry(&L0Requirements::default()).unwrap().state;
+            let raw = RawExit {
+                reason: ExitReason::Cpuid as u32,
+                instruction_length: 2,
+                ..RawExit::default()
+            };
+            let resume = f.vmx.reflect_exit(&raw, &l2, &mut f.mem).unwrap();
+            f.l1 = resume.state;
+        }
+        f
+    }
+
+    const FAST_MASK: StateMask = L2_ENTRY_STATE.difference(FAST_ENTRY_KEPT);
+
+    #[test]
+    fn vmresume_after_a_reflected_exit_with_only_shadowed_fields_changed_writes_less() {
+        let mut f = after_reflected_cpuid();
+        let full = f.vmx.entry.is_none();
+        assert!(full, "L1 runs");
+        f.vmx.pull_shadow(&[(F::GUEST_RIP, L2_RIP + 2)]);
+        assert_eq!(f.vmresume(), Outcome::Resume);
+        let fast = f.vmx.l2_entry(&L0Requirements::default()).unwrap();
+        assert_eq!(fast.mask, FAST_MASK);
+        assert_eq!(fast.state.rip, L2_RIP + 2);
+        // The state is computed whole either way: only the groups written differ.
+        let mut g = after_reflected_cpuid();
+        let bitmap = g.read(F::EXCEPTION_BITMAP);
+        g.write(F::EXCEPTION_BITMAP, bitmap ^ (1 << vector::BP));
+        g.write(F::EXCEPTION_BITMAP, bitmap);
+        g.vmx.pull_shadow(&[(F::GUEST_RIP, L2_RIP + 2)]);
+        assert_eq!(g.vmresume(), Outcome::Resume);
+        let slow = g.vmx.l2_entry(&L0Requirements::default()).unwrap();
+        assert_eq!(
+            slow.mask, L2_ENTRY_STATE,
+            "a VMWRITE of a control: complete checks"
+        );
+        assert_eq!(slow.state, fast.state);
+    }
+
+    #[test]
+    fn an_exit_that_saves_other_segment_state_makes_the_next_entry_check_everything() {
+        let mut f = after_reflected_cpuid();
+        assert_eq!(f.vmresume(), Outcome::Resume);
+        let mut l2 = f.vmx.l2_entry(&L0Requirements::default()).unwrap().state;
+        l2.gs.base += 0x1000;
+        let raw = RawExit {
+            reason: ExitReason::Cpuid as u32,
+            instruction_length: 2,
+            ..RawExit::default()
+        };
+        f.l1 = f.vmx.reflect_exit(&raw, &l2, &mut f.mem).unwrap().state;
+        assert_eq!(f.vmresume(), Outcome::Resume);
+        let entry = f.vmx.l2_entry(&L0Requirements::default()).unwrap();
+        assert_eq!(entry.mask, L2_ENTRY_STATE);
+        assert_eq!(entry.state.gs.base, l2.gs.base);
+    }
+
+    #[test]
+    fn the_fast_path_still_checks_what_l1_wrote_through_the_shadow_27_3_1_4() {
+        let mut f = after_reflected_cpuid();
+        // RFLAGS bit 3 is reserved: the entry fails with invalid guest state (reason 33).
+        f.vmx.pull_shadow(&[(F::GUEST_RFLAGS, 0x2 | (1 << 3))]);
+        match f.vmresume() {
+            Outcome::EntryFailed(resume) => {
+                assert_eq!(resume.abort, None);
+                f.l1 = resume.state;
+                assert_eq!(
+                    f.read(F::EXIT_REASON),
+                    u64::from(ExitReasonField::ENTRY_FAILURE | 33)
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        // An invalid event to inject is VMfail 7, as on the complete path.
+        let mut f = after_reflected_cpuid();
+        f.vmx
+            .pull_shadow(&[(F::VM_ENTRY_INTERRUPTION_INFORMATION, 0x8000_0300 | 32)]);
+        assert_eq!(
+            f.vmresume(),
+            Outcome::VmFailValid(VmInstructionError::EntryInvalidControlFields)
+        );
+    }
+
+    #[test]
+    fn other_l0_requirements_or_another_vmcs12_in_between_write_everything() {
+        let mut f = after_reflected_cpuid();
+        assert_eq!(f.vmresume(), Outcome::Resume);
+        let l0 = L0Requirements {
+            tsc_offset: 5,
+            ..L0Requirements::default()
+        };
+        assert_eq!(f.vmx.l2_entry(&l0).unwrap().mask, L2_ENTRY_STATE);
+        // Without a reflected exit in between (a VM-entry failure, say), no fast path.
+        let mut f = after_reflected_cpuid();
+        f.vmx.pull_shadow(&[(F::GUEST_RFLAGS, 0x2 | (1 << 3))]);
+        assert!(matches!(f.vmresume(), Outcome::EntryFailed(_)));
+        f.vmx.pull_shadow(&[(F::GUEST_RFLAGS, 0x2)]);
+        assert_eq!(f.vmresume(), Outcome::Resume);
+        let entry = f.vmx.l2_entry(&L0Requirements::default()).unwrap();
+        assert_eq!(entry.mask, L2_ENTRY_STATE);
     }
 
     #[test]

@@ -1210,7 +1210,7 @@ impl L1Guest {
             Ok(l2) => l2,
             Err(e) => return self.vmm_error(v, "L2's vCPU object", e),
         };
-        let cpu = &self.vcpus[v];
+        let cpu = &mut self.vcpus[v];
         let l0 = L0Requirements {
             current: cpu.l2_controls,
             primary: ProcessorBasedControls::USE_TSC_OFFSETTING,
