@@ -551,12 +551,15 @@ impl Kernel {
             let off = core::mem::offset_of!(abi::Utcb, words) as u64;
             let dst = self.thread(to).utcb + off;
             phys::write_words(dst, &v.exit_words);
+            let extra = n.saturating_sub(vcpu::message::EXIT_MESSAGE_WORDS);
+            if extra > 0 {
+                let at = dst + 8 * vcpu::message::EXIT_MESSAGE_WORDS as u64;
+                phys::write_words(at, &v.shadow_values[..extra]);
+            }
         } else if n > 0 {
-            let mut buf = [0u8; abi::UTCB_WORDS * 8];
             let off = core::mem::offset_of!(abi::Utcb, words) as u64;
             let (src, dst) = (self.thread(from).utcb + off, self.thread(to).utcb + off);
-            phys::read(src, &mut buf[..n * 8]);
-            phys::write(dst, &buf[..n * 8]);
+            phys::copy(src, dst, n * 8);
         }
         if info.transfers_capability() {
             let slot = phys::read_u64(self.thread(to).utcb).unwrap_or(abi::NO_SLOT);
@@ -596,7 +599,10 @@ impl Kernel {
             let w = &v.exit_words;
             let rip = w[8 + vcpu::message::word::RIP_RSP_RFLAGS];
             (
-                MessageInfo::new(v.exit_label, vcpu::message::EXIT_MESSAGE_WORDS),
+                MessageInfo::new(
+                    v.exit_label,
+                    vcpu::message::EXIT_MESSAGE_WORDS + v.shadow_words,
+                ),
                 [w[1] & 0xffff_ffff, w[2], w[4], rip],
             )
         } else if t.in_fault {
@@ -1271,6 +1277,8 @@ impl Kernel {
             exit_words: [0; vcpu::message::EXIT_MESSAGE_WORDS],
             exit_mask: vcpu::message::StateMask::empty(),
             shadow: None,
+            shadow_values: [0; 1 + crate::vm::SHADOW_WRITTEN_MAX],
+            shadow_words: 0,
         });
         crate::vm::clear(vmcs);
         if !crate::vm::make_current(vmcs) {

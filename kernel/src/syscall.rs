@@ -561,20 +561,28 @@ fn handle(
         Syscall::VcpuWriteState => {
             use vcpu::message::{REPLY_WORDS, Reply};
             let t = lookup::<Vcpu>(k, space, a[0], VcpuRights::WRITE_STATE)?;
-            let run = match a[1] {
-                0 => false,
-                1 => {
-                    lookup::<Vcpu>(k, space, a[0], VcpuRights::RUN)?;
-                    true
-                }
-                _ => return Err(Status::InvalidArgument),
-            };
+            // a1 bit 0: run it too; bit 1: shadow VMCS pairs follow the reply image.
+            if a[1] > 3 {
+                return Err(Status::InvalidArgument);
+            }
+            let run = a[1] & 1 != 0;
+            if run {
+                lookup::<Vcpu>(k, space, a[0], VcpuRights::RUN)?;
+            }
             if k.thread(t).state == State::Running {
                 return Err(Status::Busy);
             }
             let mut words = [0u64; REPLY_WORDS];
             phys::read_words(k.thread(me).utcb + UTCB_WORDS_OFFSET, &mut words);
             let reply = Reply::from_words(&words).map_err(|_| Status::InvalidArgument)?;
+            if a[1] & 2 != 0 {
+                let at = k.thread(me).utcb + UTCB_WORDS_OFFSET + 8 * REPLY_WORDS as u64;
+                let pairs = phys::read_u64(at)
+                    .and_then(|n| usize::try_from(n).ok())
+                    .filter(|&n| n > 0 && REPLY_WORDS + 1 + 2 * n <= abi::UTCB_WORDS)
+                    .ok_or(Status::InvalidArgument)?;
+                shadow_access(k, t, at + 8, pairs, true)?;
+            }
             k.vcpu_vmcs_here(t)?;
             let v = k
                 .thread_mut(t)
@@ -768,6 +776,14 @@ fn handle(
                 k.vcpu_vmcs_here(t)?;
                 let link = if a[1] == 0 { shadow } else { u64::MAX };
                 crate::vm::HwVmcs.write(F::VMCS_LINK_POINTER, link);
+                if let Some(s) = k
+                    .thread_mut(t)
+                    .vcpu
+                    .as_deref_mut()
+                    .and_then(|v| v.shadow.as_mut())
+                {
+                    s.linked = a[1] == 0;
+                }
                 return Ok(DONE);
             }
             if a[1] == 1 {
@@ -799,6 +815,9 @@ fn handle(
                 vmcs: shadow,
                 read_bitmap,
                 write_bitmap,
+                linked: true,
+                written: [F::VMCS_LINK_POINTER; crate::vm::SHADOW_WRITTEN_MAX],
+                written_count: 0,
             });
             Ok(DONE)
         }
@@ -810,13 +829,31 @@ fn handle(
             }
             let mut words = [0u64; abi::UTCB_WORDS];
             phys::read_words(k.thread(me).utcb + UTCB_WORDS_OFFSET, &mut words[..count]);
-            let v = k.thread(t).vcpu.as_deref().ok_or(Status::Inconsistent)?;
-            let s = v.shadow.as_ref().ok_or(Status::NotMapped)?;
+            let v = k
+                .thread_mut(t)
+                .vcpu
+                .as_deref_mut()
+                .ok_or(Status::Inconsistent)?;
+            let s = v.shadow.as_mut().ok_or(Status::NotMapped)?;
+            let mut written = s.written;
+            let mut written_count = s.written_count;
             for w in &words[..count] {
-                if w >> 34 != 0 || vcpu::vmcs::VmcsField::from_encoding(*w as u32).is_none() {
+                let Some(field) = vcpu::vmcs::VmcsField::from_encoding(*w as u32) else {
+                    return Err(Status::InvalidArgument);
+                };
+                if w >> 34 != 0 {
                     return Err(Status::InvalidArgument);
                 }
+                if w & abi::SHADOW_WRITE != 0 && !written[..written_count].contains(&field) {
+                    // More write-shadowed fields than an exit message carries.
+                    if written_count == written.len() {
+                        return Err(Status::InvalidArgument);
+                    }
+                    written[written_count] = field;
+                    written_count += 1;
+                }
             }
+            (s.written, s.written_count) = (written, written_count);
             for w in &words[..count] {
                 // SDM Vol. 3C 25.6.15: bits 14:0 of the encoding index the bitmaps.
                 let bit = (*w as u32 & 0x7fff) as u64;
@@ -835,7 +872,6 @@ fn handle(
             Ok(DONE)
         }
         Syscall::VcpuShadowAccess => {
-            use vcpu::vmcs::VmcsAccess;
             let t = lookup::<Vcpu>(
                 k,
                 space,
@@ -850,38 +886,7 @@ fn handle(
                 return Err(Status::Busy);
             }
             let at = k.thread(me).utcb + UTCB_WORDS_OFFSET;
-            // The pairs stay in the UTCB: every field is checked first (nothing happens if one
-            // is bad), then each is read or written in place.
-            let field_at = |i: usize| {
-                phys::read_u64(at + 16 * i as u64)
-                    .and_then(|w| u32::try_from(w).ok())
-                    .and_then(vcpu::vmcs::VmcsField::from_encoding)
-            };
-            if (0..pairs).any(|i| field_at(i).is_none()) {
-                return Err(Status::InvalidArgument);
-            }
-            k.vcpu_vmcs_here(t)?;
-            let v = k.thread(t).vcpu.as_deref().ok_or(Status::Inconsistent)?;
-            let s = v.shadow.as_ref().ok_or(Status::NotMapped)?.vmcs;
-            let write = a[2] == 1;
-            crate::vm::with_shadow(s, v.vmcs, |m| {
-                for i in 0..pairs {
-                    // Another thread of the caller's PD may rewrite the UTCB meanwhile: a
-                    // field that no longer decodes ends the call.
-                    let Some(field) = field_at(i) else {
-                        return Err(Status::Inconsistent);
-                    };
-                    let value = at + 16 * i as u64 + 8;
-                    if write {
-                        let word = phys::read_u64(value).ok_or(Status::Inconsistent)?;
-                        m.write(field, word);
-                    } else {
-                        phys::write_words(value, &[m.read(field)]);
-                    }
-                }
-                Ok(())
-            })
-            .ok_or(Status::Inconsistent)??;
+            shadow_access(k, t, at, pairs, a[2] == 1)?;
             Ok(DONE)
         }
         Syscall::DebugExit => {
@@ -895,6 +900,42 @@ fn handle(
             }
         }
     }
+}
+
+/// Reads (`write` false) or writes the shadow VMCS fields of vCPU `t` named by the `pairs`
+/// (field, value) word pairs at physical `at` (the caller's UTCB): every field is checked
+/// first (nothing happens if one is bad), then each value is read or written in place.
+fn shadow_access(k: &mut Kernel, t: u32, at: u64, pairs: usize, write: bool) -> Result<(), Status> {
+    use vcpu::vmcs::VmcsAccess;
+    let field_at = |i: usize| {
+        phys::read_u64(at + 16 * i as u64)
+            .and_then(|w| u32::try_from(w).ok())
+            .and_then(vcpu::vmcs::VmcsField::from_encoding)
+    };
+    if (0..pairs).any(|i| field_at(i).is_none()) {
+        return Err(Status::InvalidArgument);
+    }
+    k.vcpu_vmcs_here(t)?;
+    let v = k.thread(t).vcpu.as_deref().ok_or(Status::Inconsistent)?;
+    let s = v.shadow.as_ref().ok_or(Status::NotMapped)?.vmcs;
+    crate::vm::with_shadow(s, v.vmcs, |m| {
+        for i in 0..pairs {
+            // Another thread of the caller's PD may rewrite the UTCB meanwhile: a field that
+            // no longer decodes ends the call.
+            let Some(field) = field_at(i) else {
+                return Err(Status::Inconsistent);
+            };
+            let value = at + 16 * i as u64 + 8;
+            if write {
+                let word = phys::read_u64(value).ok_or(Status::Inconsistent)?;
+                m.write(field, word);
+            } else {
+                phys::write_words(value, &[m.read(field)]);
+            }
+        }
+        Ok(())
+    })
+    .ok_or(Status::Inconsistent)?
 }
 
 /// Checks `[first, first + count)` against the I/O-port object `r`.

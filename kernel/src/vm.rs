@@ -19,6 +19,21 @@ pub struct ShadowVmcs {
     pub vmcs: u64,
     pub read_bitmap: u64,
     pub write_bitmap: u64,
+    /// Linked (the VMCS link pointer names it) rather than all ones.
+    pub linked: bool,
+    /// The fields the guest VMWRITEs without an exit, in the order they were listed: their
+    /// values travel with every VMX-instruction exit (docs/abi.md, "VMCS shadowing").
+    pub written: [vcpu::vmcs::VmcsField; SHADOW_WRITTEN_MAX],
+    pub written_count: usize,
+}
+
+/// The most write-shadowed fields a vCPU may have.
+pub const SHADOW_WRITTEN_MAX: usize = 16;
+
+/// Exit reasons of the VMX instructions (SDM Vol. 3D Appendix C: VMCLEAR to VMXON, INVEPT,
+/// INVVPID, VMFUNC): the exits after which a guest hypervisor's shadow VMCS is read.
+fn is_vmx_instruction(basic: u16) -> bool {
+    matches!(basic, 18..=27 | 50 | 53 | 59)
 }
 
 /// Runs `f` on the shadow VMCS `shadow` (made current for the time, then VMCLEARed so that it
@@ -82,6 +97,10 @@ pub struct Vcpu {
     pub exit_mask: StateMask,
     /// VMCS shadowing for a guest hypervisor (`VcpuShadowVmcs`).
     pub shadow: Option<ShadowVmcs>,
+    /// Words sent after the exit-message image: the count and values of the write-shadowed
+    /// fields (a VMX-instruction exit with a linked shadow VMCS), `shadow_words` of them.
+    pub shadow_values: [u64; 1 + SHADOW_WRITTEN_MAX],
+    pub shadow_words: usize,
 }
 
 const _: () = assert!(core::mem::offset_of!(Vcpu, regs) == 0);
@@ -416,6 +435,26 @@ pub fn capture_exit(v: &mut Vcpu, basic: u16) {
         | StateMask::RIP_RSP_RFLAGS;
     ExitMessage::capture_words(&HwVmcs, &v.regs, mask, v.exit_mask, &mut v.exit_words);
     v.exit_mask = mask;
+    v.shadow_words = 0;
+    if let Some(s) = v
+        .shadow
+        .as_ref()
+        .filter(|s| s.linked && s.written_count > 0)
+        && is_vmx_instruction(basic)
+    {
+        let (fields, n) = (s.written, s.written_count);
+        let values = &mut v.shadow_values;
+        if with_shadow(s.vmcs, v.vmcs, |m| {
+            for (value, field) in values[1..=n].iter_mut().zip(&fields[..n]) {
+                *value = m.read(*field);
+            }
+        })
+        .is_some()
+        {
+            values[0] = n as u64;
+            v.shadow_words = 1 + n;
+        }
+    }
 }
 
 /// What a recall message carries: every guest-state group.
@@ -430,6 +469,7 @@ pub fn capture_state(v: &Vcpu, mask: StateMask) -> [u64; vcpu::message::EXIT_MES
 pub fn capture_state_into(v: &mut Vcpu, mask: StateMask) {
     v.exit_words = capture_state(v, mask);
     v.exit_mask = StateMask::all();
+    v.shadow_words = 0;
 }
 
 /// The VM-instruction error of the last failed VMX instruction (SDM Vol. 3C 31.4).

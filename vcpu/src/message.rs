@@ -1450,6 +1450,19 @@ impl Reply {
         let mask = mask_from_word(words[0], 0).map_err(ApplyError::Decode)?;
         let action = ResumeAction::from_code((words[0] >> 32) & 0xff, words[1])
             .ok_or(ApplyError::Decode(DecodeError { word: 0 }))?;
+        if mask.is_empty() && action == ResumeAction::Stop {
+            // A stop writes nothing: only what decoding would refuse is checked.
+            for at in [
+                word::SYSENTER,
+                word::EVENT_INJECTION + 1,
+                word::PREEMPTION_TIMER,
+            ] {
+                if words[2 + at] >> 32 != 0 {
+                    return Err(ApplyError::Decode(DecodeError { word: 2 + at }));
+                }
+            }
+            return Ok(action);
+        }
         let fast = StateMask::GPRS | StateMask::RIP_RSP_RFLAGS;
         if !fast.contains(mask) || !matches!(action, ResumeAction::Resume | ResumeAction::Advance) {
             let reply = Reply::from_words(words).map_err(ApplyError::Decode)?;
@@ -1567,6 +1580,28 @@ mod fast_path_tests {
                     prop_assert_eq!(v1.read(*f), v2.read(*f));
                 }
             }
+        }
+
+        #[test]
+        fn a_stop_that_writes_nothing_is_accepted_and_refused_as_decoding_would(seed: u64, high in 0u64..8, words in proptest::collection::vec(any::<u64>(), REPLY_WORDS)) {
+            let mut w: [u64; REPLY_WORDS] = words.try_into().unwrap();
+            w[0] = 3 << 32;
+            w[1] = 0;
+            // Mostly clean reserved halves (else nearly every case is refused).
+            for (bit, at) in [word::SYSENTER, word::EVENT_INJECTION + 1, word::PREEMPTION_TIMER].into_iter().enumerate() {
+                if high & (1 << bit) == 0 {
+                    w[2 + at] &= 0xffff_ffff;
+                }
+            }
+            let (mut v1, mut r1) = (vmcs_with(seed), regs_with(seed));
+            let (mut v2, mut r2) = (vmcs_with(seed), regs_with(seed));
+            let general = Reply::from_words(&w).map(|r| r.apply(&mut v1, &mut r1));
+            let fast = Reply::apply_words(&w, &mut v2, &mut r2);
+            prop_assert_eq!(general.is_ok(), fast.is_ok());
+            if let (Ok(general), Ok(fast)) = (general, fast) {
+                prop_assert_eq!(general.map_err(|_| ()), Ok(fast));
+            }
+            prop_assert_eq!(r1, r2);
         }
     }
 }

@@ -133,15 +133,35 @@ pub fn vcpu_write_state_with(
     invoke(Syscall::VcpuWriteState, [vcpu, 0, 0, 0, 0, 0]).map(|_| ())
 }
 
-/// [`vcpu_write_state_with`], then `VcpuRun` (RUN), in one system call.
+/// [`vcpu_write_state_with`], then `VcpuRun` (RUN), in one system call; with `shadow`
+/// (field, value) pairs (at most [`SHADOW_PAIRS_WITH_STATE`]) also written into the vCPU's
+/// shadow VMCS first.
 pub fn vcpu_write_state_and_run(
     vcpu: Selector,
     reply: &Reply,
+    shadow: &[(vcpu::vmcs::VmcsField, u64)],
     destination: &mut impl MessageWords,
 ) -> Result<()> {
+    if shadow.len() > SHADOW_PAIRS_WITH_STATE {
+        return Err(Status::InvalidArgument);
+    }
     write_reply_to(destination, reply);
-    invoke(Syscall::VcpuWriteState, [vcpu, 1, 0, 0, 0, 0]).map(|_| ())
+    let mut flags = 1;
+    if !shadow.is_empty() {
+        let mut words = [0u64; 1 + 2 * SHADOW_PAIRS_WITH_STATE];
+        words[0] = shadow.len() as u64;
+        for (w, &(field, value)) in words[1..].chunks_mut(2).zip(shadow) {
+            w[0] = u64::from(field.encoding());
+            w[1] = value;
+        }
+        destination.write(REPLY_WORDS, &words[..1 + 2 * shadow.len()]);
+        flags |= 2;
+    }
+    invoke(Syscall::VcpuWriteState, [vcpu, flags, 0, 0, 0, 0]).map(|_| ())
 }
+
+/// The most shadow pairs [`vcpu_write_state_and_run`] takes.
+pub const SHADOW_PAIRS_WITH_STATE: usize = 32;
 
 /// `VcpuReadState` (READ_STATE): the groups of `mask`, as an exit-message image.
 pub fn vcpu_read_state(vcpu: Selector, mask: StateMask) -> Result<ExitMessage> {

@@ -65,13 +65,13 @@ use rt::layout::SELF_PD;
 use rt::nested::pager::{self, Layout};
 use rt::sys;
 use rt::vmx::protocol::{self, Outcome, layout, port};
-use rt::vmx::{self, ExitCall, ExitHeader, ExitReply};
+use rt::vmx::{self, ExitCall, ExitHeader, ExitReply, MessageWords};
 use vcpu::controls::{CR4_VMXE, ProcessorBasedControls, VmxCapabilities};
 use vcpu::exit::{
     CrAccess, EventInfo, EventType, ExitReason, IoDirection, RawExit, VmExit, decode, vector,
 };
-use vcpu::message::StateMask;
 use vcpu::message::{ControlState, DecodeError, ExitMessage, GuestState, Reply, ResumeAction};
+use vcpu::message::{EXIT_MESSAGE_WORDS, StateMask};
 use vcpu::nested::{
     self as vmx_emulation, EptFault, EptInvalidation, L0Requirements, L1_VMX_EXIT_STATE, L1Memory,
     L1Resume, L2_EXIT_STATE, NestedVmx, Outcome as VmxOutcome, SHADOW_READ_ONLY, SHADOW_READ_WRITE,
@@ -180,6 +180,10 @@ struct VirtualCpu {
     /// The VMCS12 the shadow VMCS holds and is linked for (L1's current VMCS).
     mirrored: Option<u64>,
 }
+
+/// The most fields the VMM shadows, and a set of (field, value) pairs for them.
+const SHADOW_FIELDS_MAX: usize = SHADOW_READ_WRITE.len() + SHADOW_READ_ONLY.len();
+type ShadowPairs = [(VmcsField, u64); SHADOW_FIELDS_MAX];
 
 /// How the console lines of a virtual CPU begin.
 struct Prefix {
@@ -506,8 +510,10 @@ impl L1Guest {
     }
 
     /// Takes L1's VMWRITEs of shadowed fields from the shadow VMCS into the current VMCS12
-    /// (at each VMX-instruction exit of L1, before anything reads them).
-    fn pull_shadow(&mut self, v: usize) -> Result<(), Status> {
+    /// (at each VMX-instruction exit of L1, before anything reads them): from the exit
+    /// message, which carries them after its 78 words (`message_words` in all), or else with
+    /// `VcpuShadowAccess`.
+    fn pull_shadow(&mut self, v: usize, message_words: usize) -> Result<(), Status> {
         let cpu = &mut self.vcpus[v];
         if cpu.mirrored.is_none() || cpu.shadow_rw == 0 {
             return Ok(());
@@ -517,7 +523,19 @@ impl L1Guest {
         for (pair, &field) in pairs.iter_mut().zip(&cpu.shadow_fields) {
             pair.0 = field;
         }
-        vmx::vcpu_shadow_read(cpu.l1, pairs)?;
+        // The read-write fields were listed first, so they lead the carried values.
+        let mut carried = [0u64; 1 + SHADOW_READ_WRITE.len()];
+        let n = cpu.shadow_rw;
+        if message_words > EXIT_MESSAGE_WORDS + n {
+            FastUtcb.read(EXIT_MESSAGE_WORDS, &mut carried[..1 + n]);
+        }
+        if carried[0] as usize == n {
+            for (pair, &value) in pairs.iter_mut().zip(&carried[1..=n]) {
+                pair.1 = value;
+            }
+        } else {
+            vmx::vcpu_shadow_read(cpu.l1, pairs)?;
+        }
         for (i, &(_, value)) in pairs.iter().enumerate() {
             cpu.shadow_values[i] = value;
         }
@@ -525,45 +543,72 @@ impl L1Guest {
         Ok(())
     }
 
+    /// The shadow fields whose VMCS12 values differ from what the shadow VMCS holds, when it
+    /// mirrors L1's current VMCS12 (`None` when it mirrors another one or none: everything
+    /// must be written, and the shadow linked or unlinked, by [`Self::push_shadow`]).
+    fn shadow_delta(&self, v: usize) -> Option<(ShadowPairs, usize)> {
+        let cpu = &self.vcpus[v];
+        let mut pairs = [(VmcsField::GUEST_RIP, 0u64); SHADOW_FIELDS_MAX];
+        if cpu.shadow_fields.is_empty() {
+            return Some((pairs, 0));
+        }
+        let address = cpu.vmx.current_vmcs()?;
+        let image = cpu.vmx.vmcs12()?;
+        if cpu.mirrored != Some(address) {
+            return None;
+        }
+        let mut n = 0;
+        for (&field, &held) in cpu.shadow_fields.iter().zip(&cpu.shadow_values) {
+            let value = image.read(field);
+            if held != value {
+                pairs[n] = (field, value);
+                n += 1;
+            }
+        }
+        Some((pairs, n))
+    }
+
+    /// Records that the shadow VMCS took `pairs`.
+    fn shadow_took(&mut self, v: usize, pairs: &[(VmcsField, u64)]) {
+        let cpu = &mut self.vcpus[v];
+        for &(field, value) in pairs {
+            if let Some(i) = cpu.shadow_fields.iter().position(|&f| f == field) {
+                cpu.shadow_values[i] = value;
+            }
+        }
+    }
+
     /// Makes the shadow VMCS equal to L1's current VMCS12 (after the server changed it: an
     /// emulated VMX instruction, a reflected exit), linking it, or unlinks it when L1 has no
     /// current VMCS.
     fn push_shadow(&mut self, v: usize) -> Result<(), Status> {
-        let cpu = &mut self.vcpus[v];
-        if cpu.shadow_fields.is_empty() {
+        if let Some((pairs, n)) = self.shadow_delta(v) {
+            if n != 0 {
+                vmx::vcpu_shadow_write(self.vcpus[v].l1, &pairs[..n])?;
+                self.shadow_took(v, &pairs[..n]);
+            }
             return Ok(());
         }
+        let cpu = &mut self.vcpus[v];
         let Some((address, image)) = cpu.vmx.current_vmcs().zip(cpu.vmx.vmcs12()) else {
             if cpu.mirrored.take().is_some() {
                 vmx::vcpu_shadow_vmcs(cpu.l1, false)?;
             }
             return Ok(());
         };
-        // Only what differs from the shadow's contents, unless it mirrors another VMCS12.
-        let whole = cpu.mirrored != Some(address);
-        let mut pairs =
-            [(VmcsField::GUEST_RIP, 0u64); SHADOW_READ_WRITE.len() + SHADOW_READ_ONLY.len()];
-        let mut n = 0;
-        for (i, &field) in cpu.shadow_fields.iter().enumerate() {
-            let value = image.read(field);
-            if whole || cpu.shadow_values[i] != value {
-                pairs[n] = (field, value);
-                n += 1;
-            }
+        let mut pairs = [(VmcsField::GUEST_RIP, 0u64); SHADOW_FIELDS_MAX];
+        let pairs = &mut pairs[..cpu.shadow_fields.len()];
+        for (pair, &field) in pairs.iter_mut().zip(&cpu.shadow_fields) {
+            *pair = (field, image.read(field));
         }
-        if n != 0 {
-            cpu.mirrored = None;
-            vmx::vcpu_shadow_write(cpu.l1, &pairs[..n])?;
-            for &(field, value) in &pairs[..n] {
-                if let Some(i) = cpu.shadow_fields.iter().position(|&f| f == field) {
-                    cpu.shadow_values[i] = value;
-                }
-            }
+        let l1 = cpu.l1;
+        let was_linked = cpu.mirrored.take().is_some();
+        vmx::vcpu_shadow_write(l1, pairs)?;
+        self.shadow_took(v, pairs);
+        if !was_linked {
+            vmx::vcpu_shadow_vmcs(l1, true)?;
         }
-        if whole {
-            vmx::vcpu_shadow_vmcs(cpu.l1, true)?;
-        }
-        cpu.mirrored = Some(address);
+        self.vcpus[v].mirrored = Some(address);
         Ok(())
     }
 
@@ -747,13 +792,13 @@ impl L1Guest {
         if from_l2 {
             self.handle_l2(v, &header.exit)
         } else {
-            self.handle_l1(v, &header.exit, call.words[3])
+            self.handle_l1(v, &header.exit, call.words[3], call.info.extra_words())
         }
     }
 
     // ---- Exits of L1 ----
 
-    fn handle_l1(&mut self, v: usize, raw: &RawExit, rip: u64) -> ExitReply {
+    fn handle_l1(&mut self, v: usize, raw: &RawExit, rip: u64, words: usize) -> ExitReply {
         let exit = decode(raw);
         match exit {
             VmExit::Cpuid => return self.cpuid(v),
@@ -774,7 +819,7 @@ impl L1Guest {
         let reply = match exit {
             VmExit::VmxInstruction { .. } => {
                 self.vcpus[v].l1_vmx_exits += 1;
-                if let Err(e) = self.pull_shadow(v) {
+                if let Err(e) = self.pull_shadow(v, words) {
                     return self.vmm_error(v, "VcpuShadowAccess (read) of L1", e);
                 }
                 return self.vmx_instruction(v, &exit, &msg);
@@ -1221,7 +1266,7 @@ impl L1Guest {
             return self.end(v, Outcome::VmmError, Status::Inconsistent.code());
         };
         let reply = entry.reply(ResumeAction::Resume);
-        if let Err(e) = vmx::vcpu_write_state_and_run(l2, &reply, &mut FastUtcb) {
+        if let Err(e) = vmx::vcpu_write_state_and_run(l2, &reply, &[], &mut FastUtcb) {
             // The kernel refused L2's state (the host-isolation rules): a failed VM entry for L1.
             log::warn!(
                 "guest{} vcpu{v}: L2's state refused ({e:?}): VM-entry failure for L1",
@@ -1388,13 +1433,22 @@ impl L1Guest {
         if resume.abort.is_some() {
             return self.vmx_abort(v);
         }
-        if let Err(e) = self.push_shadow(v) {
-            return self.vmm_error(v, "VcpuShadowAccess (write) of L1", e);
-        }
+        // The shadow fields the exit changed go with L1's state, in the same call.
+        let (pairs, n) = match self.shadow_delta(v) {
+            Some(delta) => delta,
+            None => {
+                if let Err(e) = self.push_shadow(v) {
+                    return self.vmm_error(v, "VcpuShadowAccess (write) of L1", e);
+                }
+                ([(VmcsField::GUEST_RIP, 0); SHADOW_FIELDS_MAX], 0)
+            }
+        };
         let l1 = self.vcpus[v].l1;
-        if let Err(e) = vmx::vcpu_write_state_and_run(l1, &resume.reply(), &mut FastUtcb) {
+        let reply = resume.reply();
+        if let Err(e) = vmx::vcpu_write_state_and_run(l1, &reply, &pairs[..n], &mut FastUtcb) {
             return self.vmm_error(v, "VcpuWriteState and VcpuRun of L1 after an L2 exit", e);
         }
+        self.shadow_took(v, &pairs[..n]);
         self.vcpus[v].in_l2 = false;
         answer(&Reply::new(ResumeAction::Stop))
     }
