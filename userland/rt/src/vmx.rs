@@ -471,6 +471,11 @@ pub fn write_reply(reply: &Reply) -> ExitReply {
 #[inline]
 pub fn write_reply_to(destination: &mut impl MessageWords, reply: &Reply) -> ExitReply {
     let words = reply.to_words();
+    if reply.mask.bits().count_ones() > 4 {
+        // Most of the image: one copy costs less than picking groups.
+        destination.write(0, &words);
+        return ExitReply::Written;
+    }
     destination.write(0, &words[..REPLY_HEADER_WORDS]);
     for (group, first, len) in GROUPS {
         if reply.mask.contains(group) {
