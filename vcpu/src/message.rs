@@ -692,6 +692,110 @@ pub fn save(vmcs: &impl VmcsAccess, regs: &SavedRegisters, mask: StateMask, out:
     }
 }
 
+/// [`save`] straight into the word encoding ([`GuestState::to_words`]) of the `mask` groups
+/// but GPRs and RIP RSP RFLAGS (which [`ExitMessage::capture_words`] writes itself).
+fn save_words(
+    vmcs: &impl VmcsAccess,
+    regs: &SavedRegisters,
+    mask: StateMask,
+    s: &mut [u64; GUEST_STATE_WORDS],
+) {
+    use VmcsField as F;
+    let pair = |low: u32, high: u32| u64::from(low) | (u64::from(high) << 32);
+    if mask.contains(StateMask::CR) {
+        s[word::CR] = vmcs.read(F::GUEST_CR0);
+        s[word::CR + 1] = regs.cr2;
+        s[word::CR + 2] = vmcs.read(F::GUEST_CR3);
+        s[word::CR + 3] = vmcs.read(F::GUEST_CR4);
+    }
+    if mask.contains(StateMask::DR7) {
+        s[word::DR7] = vmcs.read(F::GUEST_DR7);
+    }
+    if mask.contains(StateMask::SEGMENTS) {
+        for (i, [selector, base, limit, ar]) in SEGMENT_FIELDS.into_iter().enumerate() {
+            let ar = Segment::ar_from_vmx(vmcs.read32(ar));
+            s[word::SEGMENTS + 2 * i] = u64::from(vmcs.read16(selector))
+                | (u64::from(ar) << 16)
+                | (u64::from(vmcs.read32(limit)) << 32);
+            s[word::SEGMENTS + 2 * i + 1] = vmcs.read(base);
+        }
+    }
+    if mask.contains(StateMask::DESCRIPTOR_TABLES) {
+        s[word::DESCRIPTOR_TABLES] = vmcs.read(F::GUEST_GDTR_BASE);
+        s[word::DESCRIPTOR_TABLES + 1] = vmcs.read(F::GUEST_IDTR_BASE);
+        s[word::DESCRIPTOR_TABLES + 2] = pair(
+            vmcs.read32(F::GUEST_GDTR_LIMIT),
+            vmcs.read32(F::GUEST_IDTR_LIMIT),
+        );
+    }
+    if mask.contains(StateMask::EFER_PAT) {
+        s[word::EFER_PAT] = vmcs.read(F::GUEST_IA32_EFER);
+        s[word::EFER_PAT + 1] = vmcs.read(F::GUEST_IA32_PAT);
+    }
+    if mask.contains(StateMask::SYSENTER) {
+        s[word::SYSENTER] = vmcs.read32(F::GUEST_IA32_SYSENTER_CS).into();
+        s[word::SYSENTER + 1] = vmcs.read(F::GUEST_IA32_SYSENTER_ESP);
+        s[word::SYSENTER + 2] = vmcs.read(F::GUEST_IA32_SYSENTER_EIP);
+    }
+    if mask.contains(StateMask::SYSCALL_MSRS) {
+        s[word::SYSCALL_MSRS..word::SYSCALL_MSRS + 5].copy_from_slice(&[
+            regs.star,
+            regs.lstar,
+            regs.cstar,
+            regs.sfmask,
+            regs.kernel_gs_base,
+        ]);
+    }
+    if mask.contains(StateMask::INTERRUPTIBILITY_ACTIVITY) {
+        s[word::INTERRUPTIBILITY_ACTIVITY] = pair(
+            vmcs.read32(F::GUEST_INTERRUPTIBILITY_STATE),
+            vmcs.read32(F::GUEST_ACTIVITY_STATE),
+        );
+        s[word::INTERRUPTIBILITY_ACTIVITY + 1] = vmcs.read(F::GUEST_PENDING_DEBUG_EXCEPTIONS);
+    }
+    if mask.contains(StateMask::EVENT_INJECTION) {
+        s[word::EVENT_INJECTION] = pair(
+            vmcs.read32(F::VM_ENTRY_INTERRUPTION_INFORMATION),
+            vmcs.read32(F::VM_ENTRY_EXCEPTION_ERROR_CODE),
+        );
+        s[word::EVENT_INJECTION + 1] = vmcs.read32(F::VM_ENTRY_INSTRUCTION_LENGTH).into();
+    }
+    if mask.contains(StateMask::TSC) {
+        s[word::TSC] = vmcs.read(F::TSC_OFFSET);
+    }
+    if mask.contains(StateMask::PREEMPTION_TIMER) {
+        s[word::PREEMPTION_TIMER] = vmcs.read32(F::VMX_PREEMPTION_TIMER_VALUE).into();
+    }
+    if mask.contains(StateMask::CONTROLS) {
+        let c = word::CONTROLS;
+        s[c] = pair(
+            vmcs.read32(F::PIN_BASED_VM_EXECUTION_CONTROLS),
+            vmcs.read32(F::PRIMARY_PROCESSOR_BASED_VM_EXECUTION_CONTROLS),
+        );
+        s[c + 1] = pair(
+            vmcs.read32(F::SECONDARY_PROCESSOR_BASED_VM_EXECUTION_CONTROLS),
+            vmcs.read32(F::EXCEPTION_BITMAP),
+        );
+        s[c + 2] = pair(
+            vmcs.read32(F::PAGE_FAULT_ERROR_CODE_MASK),
+            vmcs.read32(F::PAGE_FAULT_ERROR_CODE_MATCH),
+        );
+        s[c + 3] = pair(
+            vmcs.read32(F::VM_ENTRY_CONTROLS),
+            vmcs.read32(F::TPR_THRESHOLD),
+        );
+        s[c + 4] = vmcs.read(F::CR0_GUEST_HOST_MASK);
+        s[c + 5] = vmcs.read(F::CR4_GUEST_HOST_MASK);
+        s[c + 6] = vmcs.read(F::CR0_READ_SHADOW);
+        s[c + 7] = vmcs.read(F::CR4_READ_SHADOW);
+    }
+    if mask.contains(StateMask::PDPTES) {
+        for (i, field) in PDPTE_FIELDS.into_iter().enumerate() {
+            s[word::PDPTES + i] = vmcs.read(field);
+        }
+    }
+}
+
 /// A reply [`load`] refused; nothing was written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LoadError {
@@ -1316,11 +1420,6 @@ impl ExitMessage {
         stale: StateMask,
         out: &mut [u64; EXIT_MESSAGE_WORDS],
     ) {
-        let fast = StateMask::EXIT_INFO | StateMask::GPRS | StateMask::RIP_RSP_RFLAGS;
-        if !fast.contains(mask) {
-            *out = ExitMessage::capture(vmcs, regs, mask).to_words();
-            return;
-        }
         let exit = if mask.contains(StateMask::EXIT_INFO) {
             RawExit::read(vmcs)
         } else {
@@ -1345,6 +1444,12 @@ impl ExitMessage {
             out[at] = vmcs.read(VmcsField::GUEST_RIP);
             out[at + 1] = vmcs.read(VmcsField::GUEST_RSP);
             out[at + 2] = vmcs.read(VmcsField::GUEST_RFLAGS);
+        }
+        let rest = mask - (StateMask::EXIT_INFO | StateMask::GPRS | StateMask::RIP_RSP_RFLAGS);
+        if !rest.is_empty() {
+            let state: &mut [u64; GUEST_STATE_WORDS] =
+                (&mut out[8..]).try_into().expect("78 = 8 + 70");
+            save_words(vmcs, regs, rest, state);
         }
     }
 
