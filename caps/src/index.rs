@@ -116,11 +116,19 @@ impl NodeIndex {
             }
             i = (i + 1) & mask;
         }
+        // Shrink when an eighth full (to a quarter full): a table that once held many keys
+        // neither keeps their memory nor makes `iter` walk their slots.
+        if self.slots.len() > 16 && self.len * 8 < self.slots.len() {
+            self.resize(self.slots.len() / 2);
+        }
         Some(removed)
     }
 
     fn grow(&mut self) {
-        let size = (self.slots.len() * 2).max(16);
+        self.resize((self.slots.len() * 2).max(16));
+    }
+
+    fn resize(&mut self, size: usize) {
         let old = core::mem::replace(&mut self.slots, alloc::vec![(EMPTY, 0, 0); size]);
         self.len = 0;
         for (k, n, t) in old {
@@ -136,6 +144,23 @@ mod tests {
     use super::*;
     use alloc::collections::BTreeMap;
     use proptest::prelude::*;
+
+    #[test]
+    fn emptied_tables_shrink_and_keep_their_keys() {
+        let mut index = NodeIndex::new();
+        for page in 0..1000u64 {
+            assert!(index.insert(page << 12, NodeId::from_index(page as u32), 0));
+        }
+        let full = index.bytes();
+        for page in 3..1000u64 {
+            assert!(index.remove(page << 12).is_some());
+        }
+        assert!(index.bytes() * 32 <= full, "{} of {full} bytes", index.bytes());
+        assert_eq!(index.iter().count(), 3);
+        for page in 0..3u64 {
+            assert_eq!(index.get(page << 12).map(|(n, _)| n.index()), Some(page as u32));
+        }
+    }
 
     proptest! {
         #[test]
