@@ -49,6 +49,8 @@
 //! table pages seen and of large shadow pages built.
 
 use alloc::collections::{BTreeMap, BTreeSet};
+use caps::NodeId;
+use caps::index::NodeIndex;
 use alloc::vec::Vec;
 
 use crate::backend::{BackendError, Installed, L1Memory, ShadowBackend, ShadowId};
@@ -255,7 +257,37 @@ fn region_slot(l2_base: u64, size: PageSize) -> Option<usize> {
 struct Regions {
     nodes: Vec<Region>,
     free: Vec<u32>,
-    index: BTreeMap<(u32, u64), u32>,
+    /// Per shadow, region key -> node (a hash index: the fault path looks regions up).
+    index: BTreeMap<u32, NodeIndex>,
+}
+
+impl Regions {
+    fn get(&self, shadow: u32, key: u64) -> Option<u32> {
+        self.index
+            .get(&shadow)
+            .and_then(|index| index.get(key))
+            .map(|(node, _)| node.index())
+    }
+
+    fn insert(&mut self, shadow: u32, key: u64, i: u32) {
+        self.index
+            .entry(shadow)
+            .or_default()
+            .insert(key, NodeId::from_index(i), 0);
+    }
+
+    fn remove(&mut self, shadow: u32, key: u64) {
+        if let Some(index) = self.index.get_mut(&shadow) {
+            index.remove(key);
+            if index.is_empty() {
+                self.index.remove(&shadow);
+            }
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.index.values().map(NodeIndex::len).sum()
+    }
 }
 
 /// Upper bound of the heap bytes of a `BTreeMap` with `len` entries of `entry` bytes: leaves
@@ -486,9 +518,9 @@ impl Engine {
         let keys: Vec<u32> = self
             .regions
             .index
-            .range((shadow.0, 0)..=(shadow.0, u64::MAX))
-            .map(|(_, &i)| i)
-            .collect();
+            .get(&shadow.0)
+            .map(|index| index.iter().map(|(_, node, _)| node.index()).collect())
+            .unwrap_or_default();
         for i in keys {
             self.region_free(i);
         }
@@ -891,9 +923,8 @@ impl Engine {
         };
         let key = region_key(l2_base, size);
         self.regions
-            .index
-            .get(&(shadow.0, key))
-            .and_then(|&i| self.regions.nodes.get(i as usize))
+            .get(shadow.0, key)
+            .and_then(|i| self.regions.nodes.get(i as usize))
             .is_some_and(|r| r.installed[slot / 64] & (1 << (slot % 64)) != 0)
     }
 
@@ -901,8 +932,8 @@ impl Engine {
     fn touch(&mut self, shadow: ShadowId, l2_base: u64, size: PageSize) {
         let key = region_key(l2_base, size);
         let vcpu = self.shadows.get(&shadow.0).map_or(0, |s| s.vcpu);
-        let i = match self.regions.index.get(&(shadow.0, key)) {
-            Some(&i) => {
+        let i = match self.regions.get(shadow.0, key) {
+            Some(i) => {
                 self.lru_unlink(i);
                 i
             }
@@ -926,7 +957,7 @@ impl Engine {
                         self.regions.nodes.len() as u32 - 1
                     }
                 };
-                self.regions.index.insert((shadow.0, key), i);
+                self.regions.insert(shadow.0, key, i);
                 i
             }
         };
@@ -981,7 +1012,7 @@ impl Engine {
     fn region_free(&mut self, i: u32) {
         self.lru_unlink(i);
         let r = self.regions.nodes[i as usize];
-        self.regions.index.remove(&(r.shadow, r.key));
+        self.regions.remove(r.shadow, r.key);
         self.regions.nodes[i as usize].installed = [0; 8];
         self.regions.free.push(i);
     }
@@ -1009,12 +1040,21 @@ impl Engine {
             let base = r.key & !1;
             self.region_free(i);
             if span == PageSize::Size1G {
+                // The 2 MiB regions inside (a scan of this shadow's regions: evictions are
+                // rare, faults are not).
+                let end = base + span.bytes();
                 let inner: Vec<u32> = self
                     .regions
                     .index
-                    .range((r.shadow, base)..(r.shadow, base + span.bytes()))
-                    .map(|(_, &j)| j)
-                    .collect();
+                    .get(&r.shadow)
+                    .map(|index| {
+                        index
+                            .iter()
+                            .filter(|&(key, _, _)| key & 1 == 0 && (base..end).contains(&key))
+                            .map(|(_, node, _)| node.index())
+                            .collect()
+                    })
+                    .unwrap_or_default();
                 for j in inner {
                     self.region_free(j);
                 }
@@ -1075,7 +1115,7 @@ impl Engine {
 
     /// Regions the engine tracks (for tests and accounting).
     pub fn region_count(&self) -> usize {
-        self.regions.index.len()
+        self.regions.len()
     }
 
     /// Heap and inline bytes of the engine's bookkeeping: vCPU states, region records and
@@ -1087,8 +1127,14 @@ impl Engine {
             + self.regions.free.capacity() * size_of::<u32>()
             + btree_bytes(
                 self.regions.index.len(),
-                size_of::<(u32, u64)>() + size_of::<u32>(),
-            );
+                size_of::<u32>() + size_of::<NodeIndex>(),
+            )
+            + self
+                .regions
+                .index
+                .values()
+                .map(NodeIndex::bytes)
+                .sum::<usize>();
         let shadows = btree_bytes(
             self.shadows.len(),
             size_of::<u32>() + size_of::<ShadowInfo>(),
