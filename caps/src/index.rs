@@ -155,10 +155,17 @@ mod tests {
         for page in 3..1000u64 {
             assert!(index.remove(page << 12).is_some());
         }
-        assert!(index.bytes() * 32 <= full, "{} of {full} bytes", index.bytes());
+        assert!(
+            index.bytes() * 32 <= full,
+            "{} of {full} bytes",
+            index.bytes()
+        );
         assert_eq!(index.iter().count(), 3);
         for page in 0..3u64 {
-            assert_eq!(index.get(page << 12).map(|(n, _)| n.index()), Some(page as u32));
+            assert_eq!(
+                index.get(page << 12).map(|(n, _)| n.index()),
+                Some(page as u32)
+            );
         }
     }
 

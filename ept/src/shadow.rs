@@ -48,10 +48,10 @@
 //! (with a 64-byte prefetch bitmap) per 2 MiB or 1 GiB region, plus per-shadow sets of L1
 //! table pages seen and of large shadow pages built.
 
-use alloc::collections::{BTreeMap, BTreeSet};
+use alloc::collections::BTreeMap;
+use alloc::vec::Vec;
 use caps::NodeId;
 use caps::index::NodeIndex;
-use alloc::vec::Vec;
 
 use crate::backend::{BackendError, Installed, L1Memory, ShadowBackend, ShadowId};
 use crate::check::{EptCapabilities, EptViolationQualification, reflected_qualification};
@@ -207,7 +207,10 @@ struct VcpuState {
 #[derive(Default)]
 struct ShadowInfo {
     vcpu: u32,
-    l1_tables: BTreeSet<u64>,
+    /// L1 EPT table pages the engine walked (a hash set).
+    l1_tables: NodeIndex,
+    /// The 2 MiB ranges (key: base) and 1 GiB ranges (key: base | 1) holding one of them.
+    table_spans: NodeIndex,
     tables_overflow: bool,
     large: BTreeMap<u64, (u64, PageSize)>,
 }
@@ -702,15 +705,24 @@ impl Engine {
         };
         for step in t.path.steps() {
             let table = step.table;
-            if info.l1_tables.contains(&table) || info.tables_overflow {
+            if info.tables_overflow || info.l1_tables.contains_key(table) {
                 continue;
             }
             if info.l1_tables.len() >= limit {
                 info.tables_overflow = true;
-                info.l1_tables.clear();
+                info.l1_tables = NodeIndex::new();
+                info.table_spans = NodeIndex::new();
                 continue;
             }
-            info.l1_tables.insert(table);
+            let none = NodeId::from_index(0);
+            info.l1_tables.insert(table, none, 0);
+            info.table_spans
+                .insert(PageSize::Size2M.align_down(table), none, 0);
+            info.table_spans
+                .insert(PageSize::Size1G.align_down(table) | 1, none, 0);
+            if info.large.is_empty() {
+                continue;
+            }
             let low = table.saturating_sub(PageSize::Size1G.bytes() - 1);
             let covering: Vec<u64> = info
                 .large
@@ -784,13 +796,12 @@ impl Engine {
                 break;
             }
             let base = size.align_down(t.address);
-            let blocked = info.is_none_or(|i| {
-                i.tables_overflow
-                    || i.l1_tables
-                        .range(base..base + size.bytes())
-                        .next()
-                        .is_some()
-            });
+            let key = if size == PageSize::Size1G {
+                base | 1
+            } else {
+                base
+            };
+            let blocked = info.is_none_or(|i| i.tables_overflow || i.table_spans.contains_key(key));
             if !blocked {
                 return size;
             }
@@ -1142,7 +1153,8 @@ impl Engine {
             .shadows
             .values()
             .map(|s| {
-                btree_bytes(s.l1_tables.len(), size_of::<u64>())
+                s.l1_tables.bytes()
+                    + s.table_spans.bytes()
                     + btree_bytes(
                         s.large.len(),
                         size_of::<u64>() + size_of::<(u64, PageSize)>(),
