@@ -138,6 +138,28 @@ fn memory_order(selector: Selector, rights: u32) -> Result<u64, Status> {
     Ok(info.detail)
 }
 
+/// `EptUnmapRange` on L1's EPT refuses bad ranges with the statuses docs/abi.md gives and
+/// removes nothing from a range that holds nothing (`unused`: the first address above
+/// everything the pager maps).
+fn check_unmap_range(unused: u64) -> Result<(), Status> {
+    let top = 1u64 << 48;
+    let cases: [(&str, u64, u64, Result<u64, Status>); 5] = [
+        ("unaligned start", unused + 8, 4096, Err(Status::Unaligned)),
+        ("unaligned length", unused, 100, Err(Status::Unaligned)),
+        ("empty range", unused, 0, Err(Status::OutOfRange)),
+        ("past 2^48", top - 4096, 8192, Err(Status::OutOfRange)),
+        ("nothing mapped", unused, top - unused, Ok(0)),
+    ];
+    for (what, gpa, length, expected) in cases {
+        let got = vmx::ept_unmap_range(slot::L1_EPT, gpa, length);
+        if got != expected {
+            log::error!("EptUnmapRange, {what}: {got:?}, expected {expected:?}");
+            return Err(Status::Inconsistent);
+        }
+    }
+    Ok(())
+}
+
 impl Pager {
     /// Creates L1's EPT, zeroes and maps the backed region, maps the frames for on-demand
     /// pages into the pager, and makes the copy of L1's EPT the VMM gets.
@@ -161,6 +183,7 @@ impl Pager {
             page += step;
         }
         let layout = Layout::new(backed.pages() * 4096);
+        check_unmap_range(layout.on_demand_end)?;
 
         let frames = Window::map(FRAMES, frames_order, FRAMES_WINDOW)?;
         let shared = (EptRights::MAP | EptRights::MAP_SOURCE).bits();

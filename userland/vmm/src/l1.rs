@@ -473,6 +473,7 @@ impl L1Guest {
             mirrored: None,
         });
         self.shadow_vmcs(self.vcpus.len() - 1)?;
+        check_flag_arguments(selector)?;
         for (reason, mask) in l1_masks() {
             vmx::vcpu_set_mask(selector, reason, mask)?;
         }
@@ -1615,6 +1616,21 @@ impl L1Guest {
 }
 
 /// Writes `reply` for the answer to the current exit.
+/// The vCPU calls this VMM relies on refuse flags docs/abi.md does not define.
+fn check_flag_arguments(vcpu: Selector) -> Result<(), Status> {
+    for (what, call, flags) in [
+        ("VcpuWriteState", abi::Syscall::VcpuWriteState, 4),
+        ("VcpuShadowVmcs", abi::Syscall::VcpuShadowVmcs, 2),
+    ] {
+        let got = sys::status_of(sys::raw_syscall(call as u64, [vcpu, flags, 0, 0, 0, 0]).status);
+        if got != Status::InvalidArgument {
+            rt::println!("vmm: {what} with flags {flags}: {got:?}, expected InvalidArgument");
+            return Err(Status::Inconsistent);
+        }
+    }
+    Ok(())
+}
+
 fn answer(reply: &Reply) -> ExitReply {
     vmx::write_reply_to(&mut FastUtcb, reply)
 }
