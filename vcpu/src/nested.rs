@@ -36,9 +36,9 @@
 //! instructions' pseudocode), §31.4 (error numbers).
 
 use crate::controls::{
-    CR0_PE, CR0_PG, CR4_VMXE, EntryControls, EptVpidCapabilities, ExitControls, NestedFeatures,
-    PinBasedControls, ProcessorBasedControls, SecondaryControls, TertiaryControls, VmFunctions,
-    VmxCapabilities,
+    CR0_PE, CR0_PG, CR4_VMXE, EntryControls, EptVpidCapabilities, ExitControls, MiscData,
+    NestedFeatures, PinBasedControls, ProcessorBasedControls, SecondaryControls, TertiaryControls,
+    VmFunctions, VmxCapabilities,
 };
 use crate::exit::{
     CrAccess, EventInfo, EventType, ExitReasonField, Gpr, Operand, RawExit, SegmentRegister,
@@ -984,6 +984,8 @@ pub const SHADOW_READ_WRITE: [VmcsField; 7] = [
 pub struct NestedVmx {
     /// The capability MSRs advertised to L1 ([`advertised`]).
     caps: VmxCapabilities,
+    /// IA32_VMX_MISC of `caps`, decoded once (the entry and exit paths consult it).
+    misc: MiscData,
     /// L1's MAXPHYADDR (CPUID.80000008H:EAX\[7:0\] as the server reports it).
     maxphyaddr: u32,
     /// The VMXON pointer in VMX operation.
@@ -1006,6 +1008,7 @@ impl NestedVmx {
     /// physical addresses of `maxphyaddr` bits (clamped to 32..=52).
     pub fn new(caps: VmxCapabilities, maxphyaddr: u8) -> NestedVmx {
         NestedVmx {
+            misc: caps.misc(),
             caps,
             maxphyaddr: u32::from(maxphyaddr).clamp(32, 52),
             vmxon: None,
@@ -1364,7 +1367,7 @@ impl NestedVmx {
         let Some(field) = self.supported_field(encoding & ctx.operand_mask()) else {
             return self.fail(VmInstructionError::UnsupportedVmcsComponent);
         };
-        if field.is_read_only() && !self.caps.misc().vmwrite_any_field {
+        if field.is_read_only() && !self.misc.vmwrite_any_field {
             return self.fail(VmInstructionError::VmwriteReadOnlyComponent);
         }
         if let Some(v) = self.current_mut() {
@@ -1953,7 +1956,7 @@ impl NestedVmx {
         }
         if matches!(kind, 4..=6) {
             let length = v.read32(F::VM_ENTRY_INSTRUCTION_LENGTH);
-            if length > 15 || (length == 0 && !self.caps.misc().zero_length_injection) {
+            if length > 15 || (length == 0 && !self.misc.zero_length_injection) {
                 return false;
             }
         }
@@ -2126,7 +2129,7 @@ impl NestedVmx {
         }
 
         // §27.3.1.5: non-register state.
-        let misc = self.caps.misc();
+        let misc = self.misc;
         let activity = v.read32(F::GUEST_ACTIVITY_STATE);
         check(match ActivityState::from_raw(activity) {
             Some(ActivityState::Active) => true,
@@ -2220,7 +2223,7 @@ impl NestedVmx {
     ) -> Result<(), u32> {
         let area = v.read(VmcsField::VM_ENTRY_MSR_LOAD_ADDRESS);
         let count = v.read32(VmcsField::VM_ENTRY_MSR_LOAD_COUNT);
-        let limit = self.caps.misc().max_msr_list_entries;
+        let limit = self.misc.max_msr_list_entries;
         for i in 0..count {
             if i >= limit {
                 return Err(i + 1);
@@ -2356,7 +2359,7 @@ impl NestedVmx {
         let mut s = Self::host_state(v, current, nmi_blocking);
         let area = v.read(VmcsField::VM_EXIT_MSR_LOAD_ADDRESS);
         let count = v.read32(VmcsField::VM_EXIT_MSR_LOAD_COUNT);
-        let limit = self.caps.misc().max_msr_list_entries;
+        let limit = self.misc.max_msr_list_entries;
         for i in 0..count {
             let entry = area.wrapping_add(16 * u64::from(i));
             let head = read_or_ones(mem, entry);
@@ -2457,7 +2460,7 @@ impl NestedVmx {
     ) -> Option<L1Resume> {
         self.entry.as_ref()?;
         let maxphyaddr = self.maxphyaddr;
-        let stores_lma = self.caps.misc().stores_lma_on_exit;
+        let stores_lma = self.misc.stores_lma_on_exit;
         let v = self.current_mut()?;
         let c = Controls12::read(&v.image);
         let mut exit = *raw;
@@ -2479,7 +2482,7 @@ impl NestedVmx {
         // §28.4: VM-exit MSR-store area.
         let area = v.read(VmcsField::VM_EXIT_MSR_STORE_ADDRESS);
         let count = v.read32(VmcsField::VM_EXIT_MSR_STORE_COUNT);
-        let limit = self.caps.misc().max_msr_list_entries;
+        let limit = self.misc.max_msr_list_entries;
         let mut abort = None;
         for i in 0..count {
             let entry = area.wrapping_add(16 * u64::from(i));

@@ -727,6 +727,12 @@ impl VmcsImage {
             values: [0; ALL_FIELDS.len()],
         }
     }
+
+    /// The value of the full field at `position` in [`ALL_FIELDS`] ([`VmcsField::position`]):
+    /// what `read` of that field gives, for a caller that looked the position up once.
+    pub fn value_at(&self, position: usize) -> Option<u64> {
+        self.values.get(position).copied()
+    }
 }
 
 impl Default for VmcsImage {

@@ -175,8 +175,10 @@ struct VirtualCpu {
     /// first, `shadow_rw` of them), empty without shadowing.
     shadow_fields: Vec<VmcsField>,
     shadow_rw: usize,
-    /// What the shadow VMCS holds of each of `shadow_fields` (while `mirrored`).
+    /// What the shadow VMCS holds of each of `shadow_fields` (while `mirrored`), and where
+    /// each field sits in a VMCS image.
     shadow_values: Vec<u64>,
+    shadow_positions: Vec<usize>,
     /// The VMCS12 the shadow VMCS holds and is linked for (L1's current VMCS).
     mirrored: Option<u64>,
 }
@@ -470,6 +472,7 @@ impl L1Guest {
             shadow_fields: Vec::new(),
             shadow_rw: 0,
             shadow_values: Vec::new(),
+            shadow_positions: Vec::new(),
             mirrored: None,
         });
         self.shadow_vmcs(self.vcpus.len() - 1)?;
@@ -507,6 +510,11 @@ impl L1Guest {
         cpu.shadow_fields = rw;
         cpu.shadow_fields.extend(ro);
         cpu.shadow_values = alloc::vec![0; cpu.shadow_fields.len()];
+        cpu.shadow_positions = cpu
+            .shadow_fields
+            .iter()
+            .map(|f| f.position().ok_or(Status::Inconsistent))
+            .collect::<Result<_, _>>()?;
         Ok(())
     }
 
@@ -559,8 +567,13 @@ impl L1Guest {
             return None;
         }
         let mut n = 0;
-        for (&field, &held) in cpu.shadow_fields.iter().zip(&cpu.shadow_values) {
-            let value = image.read(field);
+        for ((&field, &held), &position) in cpu
+            .shadow_fields
+            .iter()
+            .zip(&cpu.shadow_values)
+            .zip(&cpu.shadow_positions)
+        {
+            let value = image.value_at(position).unwrap_or(0);
             if held != value {
                 pairs[n] = (field, value);
                 n += 1;
