@@ -2466,10 +2466,13 @@ impl NestedVmx {
         let mut exit = *raw;
         exit.reason &= !ExitReasonField::ENTRY_FAILURE;
         exit.store(&mut v.image);
-        save_guest_state(&mut v.image, &c, l2, stores_lma);
-        // The same values as the last exit saved into this VMCS12 (no VMWRITE since, or the
-        // stamp moved anyway) leave what the VM-entry checks read unchanged.
-        if !v.saved.as_ref().is_some_and(|s| same_saved_state(s, l2)) {
+        // The same values as the last exit saved into this VMCS12 (no VMWRITE of them since:
+        // one clears `saved`) are in the image already, and what the VM-entry checks read
+        // besides the shadowed fields is unchanged.
+        if v.saved.as_ref().is_some_and(|s| same_saved_state(s, l2)) {
+            save_hot_guest_state(&mut v.image, l2);
+        } else {
+            save_guest_state(&mut v.image, &c, l2, stores_lma);
             v.stamp += 1;
             v.saved = Some(*l2);
         }
@@ -3069,9 +3072,6 @@ fn save_guest_state(v: &mut VmcsImage, c: &Controls12, l2: &GuestState, stores_l
     if c.exit.contains(ExitControls::SAVE_DEBUG_CONTROLS) {
         v.write(F::GUEST_DR7, l2.dr7);
     }
-    v.write(F::GUEST_RSP, l2.rsp);
-    v.write(F::GUEST_RIP, l2.rip);
-    v.write(F::GUEST_RFLAGS, l2.rflags);
     for (segment, [selector, base, limit, access_rights]) in
         l2.segments().into_iter().zip(GUEST_SEGMENTS)
     {
@@ -3093,10 +3093,6 @@ fn save_guest_state(v: &mut VmcsImage, c: &Controls12, l2: &GuestState, stores_l
     if c.exit.contains(ExitControls::SAVE_IA32_PAT) {
         v.write(F::GUEST_IA32_PAT, l2.pat);
     }
-    v.write(
-        F::GUEST_INTERRUPTIBILITY_STATE,
-        l2.interruptibility.bits().into(),
-    );
     v.write(F::GUEST_ACTIVITY_STATE, l2.activity.into());
     v.write(
         F::GUEST_PENDING_DEBUG_EXCEPTIONS,
@@ -3113,6 +3109,21 @@ fn save_guest_state(v: &mut VmcsImage, c: &Controls12, l2: &GuestState, stores_l
         entry.set(EntryControls::IA32E_MODE_GUEST, l2.efer & EFER_LMA != 0);
         v.write(F::VM_ENTRY_CONTROLS, entry.bits().into());
     }
+    save_hot_guest_state(v, l2);
+}
+
+/// The part of [`save_guest_state`] in fields of [`SHADOW_READ_WRITE`]: RIP, RSP, RFLAGS,
+/// the interruptibility state, and the VM-entry interruption information's valid bit
+/// cleared (VM exits clear it, SDM Vol. 3C §28.2).
+fn save_hot_guest_state(v: &mut VmcsImage, l2: &GuestState) {
+    use VmcsField as F;
+    v.write(F::GUEST_RSP, l2.rsp);
+    v.write(F::GUEST_RIP, l2.rip);
+    v.write(F::GUEST_RFLAGS, l2.rflags);
+    v.write(
+        F::GUEST_INTERRUPTIBILITY_STATE,
+        l2.interruptibility.bits().into(),
+    );
     let information = v.read(F::VM_ENTRY_INTERRUPTION_INFORMATION);
     v.write(
         F::VM_ENTRY_INTERRUPTION_INFORMATION,
