@@ -1598,13 +1598,22 @@ impl Reply {
     /// Encodes the reply as [`REPLY_WORDS`] words (module table).
     pub fn to_words(&self) -> [u64; REPLY_WORDS] {
         let mut words = [0; REPLY_WORDS];
-        let (code, argument) = self.action.code();
-        words[0] = u64::from(self.mask.bits()) | (code << 32);
-        words[1] = argument;
+        [words[0], words[1]] = self.header_words();
         let state: &mut [u64; GUEST_STATE_WORDS] =
             (&mut words[2..]).try_into().expect("72 = 2 + 70");
         self.state.to_words(state);
         words
+    }
+
+    /// The first two words of [`Reply::to_words`]: the mask and the action.
+    pub fn header_words(&self) -> [u64; 2] {
+        Self::header(self.mask, self.action)
+    }
+
+    /// The header words of a reply with `mask` and `action`.
+    pub const fn header(mask: StateMask, action: ResumeAction) -> [u64; 2] {
+        let (code, argument) = action.code();
+        [mask.bits() as u64 | (code << 32), argument]
     }
 
     /// Decodes [`REPLY_WORDS`] words.

@@ -467,9 +467,22 @@ pub fn write_reply(reply: &Reply) -> ExitReply {
     write_reply_to(&mut Utcb, reply)
 }
 
+/// [`write_reply_to`] of a reply that writes no state and takes `action` (no `Reply` built).
+pub fn write_action_to(destination: &mut impl MessageWords, action: ResumeAction) -> ExitReply {
+    destination.write(0, &Reply::header(StateMask::empty(), action));
+    for at in RESERVED_HIGH {
+        destination.write(REPLY_HEADER_WORDS + at, &[0]);
+    }
+    ExitReply::Written
+}
+
 /// [`write_reply`] through `destination`.
 #[inline]
 pub fn write_reply_to(destination: &mut impl MessageWords, reply: &Reply) -> ExitReply {
+    if reply.mask.is_empty() {
+        // Nothing but the action: the header, and zero reserved halves.
+        return write_action_to(destination, reply.action);
+    }
     let words = reply.to_words();
     if reply.mask.bits().count_ones() > 4 {
         // Most of the image: one copy costs less than picking groups.

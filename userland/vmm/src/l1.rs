@@ -688,7 +688,7 @@ impl L1Guest {
                     log::error!("guest{}: reply refused: {e:?}", self.number);
                     self.set_outcome(Outcome::VmmError, e.code());
                     self.recall_running();
-                    let stop = answer(&Reply::new(ResumeAction::Stop));
+                    let stop = vmx::write_action_to(&mut FastUtcb, ResumeAction::Stop);
                     if let Some((v, _)) = self.vcpu_of(&call) {
                         self.vcpus[v].running = false;
                     }
@@ -742,7 +742,7 @@ impl L1Guest {
     /// Stops virtual CPU `v` (the reply to its exit).
     fn stop(&mut self, v: usize) -> ExitReply {
         self.vcpus[v].running = false;
-        answer(&Reply::new(ResumeAction::Stop))
+        vmx::write_action_to(&mut FastUtcb, ResumeAction::Stop)
     }
 
     /// Ends the guest with `outcome`: stops `v` and recalls the others.
@@ -776,7 +776,7 @@ impl L1Guest {
                 self.number,
                 call.badge
             );
-            return answer(&Reply::new(ResumeAction::Stop));
+            return vmx::write_action_to(&mut FastUtcb, ResumeAction::Stop);
         };
         if self.outcome.is_some() || !self.vcpus[v].running {
             return self.stop(v);
@@ -1303,7 +1303,7 @@ impl L1Guest {
             };
         }
         self.vcpus[v].in_l2 = true;
-        answer(&Reply::new(ResumeAction::Stop))
+        vmx::write_action_to(&mut FastUtcb, ResumeAction::Stop)
     }
 
     /// Virtual CPU `v`'s L2 object, created on `ept` or rebound to it.
@@ -1464,7 +1464,7 @@ impl L1Guest {
         }
         self.shadow_took(v, &pairs[..n]);
         self.vcpus[v].in_l2 = false;
-        answer(&Reply::new(ResumeAction::Stop))
+        vmx::write_action_to(&mut FastUtcb, ResumeAction::Stop)
     }
 
     /// An exit of L2 that L1 did not ask for: L0 handles it for L2 as for any guest.
