@@ -206,15 +206,15 @@ impl EptSpace {
             .map_err(MapError::from)
     }
 
-    /// The derivation nodes of every leaf overlapping `[start, end)` (a leaf reaching beyond
+    /// The addresses and derivation nodes of every leaf overlapping `[start, end)` (a leaf reaching beyond
     /// the range counts). A range wider than the mappings are many is answered from the
     /// mapping index; a narrower one by walking the tables, skipping absent subtrees whole.
-    pub fn nodes_overlapping(&self, start: u64, end: u64) -> Vec<NodeId> {
+    pub fn nodes_overlapping(&self, start: u64, end: u64) -> Vec<(u64, NodeId)> {
         let mut nodes = Vec::new();
         if (end - start) / PageSize::Size2M.bytes() > self.mappings.len() as u64 {
             for (address, node, size) in self.mappings.iter() {
                 if address < end && address + size.bytes() > start {
-                    nodes.push(node);
+                    nodes.push((address, node));
                 }
             }
             return nodes;
@@ -228,7 +228,7 @@ impl EptSpace {
                     if let Some((node, size)) = self.mappings.get(base)
                         && size == t.size
                     {
-                        nodes.push(node);
+                        nodes.push((base, node));
                     }
                     base + t.size.bytes()
                 }

@@ -1059,10 +1059,15 @@ impl Kernel {
 
     /// Removes the mappings of removed derivation-tree nodes and invalidates what cached them.
     pub fn drop_mappings(&mut self, keys: Vec<NodeKey>) {
-        let mut spaces: Vec<Space> = keys
+        let spaces: Vec<Space> = keys
             .into_iter()
             .filter_map(|k| self.drop_mapping(k))
             .collect();
+        self.invalidate_spaces(spaces);
+    }
+
+    /// Flushes, once each, the address spaces mappings were dropped from.
+    pub fn invalidate_spaces(&mut self, mut spaces: Vec<Space>) {
         spaces.sort_unstable();
         spaces.dedup();
         for s in spaces {

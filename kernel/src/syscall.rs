@@ -467,18 +467,36 @@ fn handle(
                 .checked_add(length)
                 .filter(|&end| length != 0 && end <= 1 << 48)
                 .ok_or(Status::OutOfRange)?;
-            let nodes = k.epts[e as usize]
+            let leaves = k.epts[e as usize]
                 .as_ref()
                 .ok_or(Status::Inconsistent)?
                 .nodes_overlapping(start, end);
+            // A leaf may derive from another leaf of the same range (an EPT mapped from
+            // itself): each removal drops what it took at once, and a leaf already gone is
+            // skipped. Every CPU is invalidated once, at the end, whatever happens.
+            let (mut removed, mut spaces) = (0u64, Vec::new());
             let mut keys = Vec::new();
-            for node in nodes {
-                k.caps
-                    .remove_node(node, &mut |_| {}, &mut |_, key| keys.push(key))?;
+            let mut result = Ok(());
+            for (address, node) in leaves {
+                let live = k.epts[e as usize]
+                    .as_ref()
+                    .and_then(|x| x.mappings.get(address))
+                    .is_some_and(|(n, _)| n == node);
+                if !live {
+                    continue;
+                }
+                if let Err(err) = k
+                    .caps
+                    .remove_node(node, &mut |_| {}, &mut |_, key| keys.push(key))
+                {
+                    result = Err(err.into());
+                    break;
+                }
+                removed += keys.len() as u64;
+                spaces.extend(keys.drain(..).filter_map(|key| k.drop_mapping(key)));
             }
-            let n = keys.len() as u64;
-            k.drop_mappings(keys);
-            Ok(Outcome::Done([Some(n), None, None]))
+            k.invalidate_spaces(spaces);
+            result.map(|()| Outcome::Done([Some(removed), None, None]))
         }
         Syscall::EptInvalidate => {
             let e = lookup::<Ept>(k, space, a[0], EptRights::INVALIDATE)?;
@@ -579,7 +597,7 @@ fn handle(
                 let at = k.thread(me).utcb + UTCB_WORDS_OFFSET + 8 * REPLY_WORDS as u64;
                 let pairs = phys::read_u64(at)
                     .and_then(|n| usize::try_from(n).ok())
-                    .filter(|&n| n > 0 && REPLY_WORDS + 1 + 2 * n <= abi::UTCB_WORDS)
+                    .filter(|&n| n > 0 && n <= (abi::UTCB_WORDS - REPLY_WORDS - 1) / 2)
                     .ok_or(Status::InvalidArgument)?;
                 shadow_access(k, t, at + 8, pairs, true)?;
             }
@@ -879,7 +897,7 @@ fn handle(
                 VcpuRights::READ_STATE | VcpuRights::WRITE_STATE,
             )?;
             let pairs = usize::try_from(a[1]).map_err(|_| Status::InvalidArgument)?;
-            if pairs == 0 || pairs * 2 > abi::UTCB_WORDS || a[2] > 1 {
+            if pairs == 0 || pairs > abi::UTCB_WORDS / 2 || a[2] > 1 {
                 return Err(Status::InvalidArgument);
             }
             if k.thread(t).state == State::Running {

@@ -773,6 +773,8 @@ struct Verified {
     stamp: u64,
     /// L1's IA32_EFER.LMA (the host-state checks depend on it).
     lma: bool,
+    /// Guest RFLAGS.VM (the segment checks depend on it, and RFLAGS is a shadowed field).
+    virtual_8086: bool,
 }
 
 /// Groups of L2's entry state that a VMRESUME on the fast path does not write: L2's vCPU
@@ -1422,11 +1424,13 @@ impl NestedVmx {
         // through the shadow VMCS, and no VM-entry MSR loads. Only the checks that read those
         // fields run again; the rest would give the same answer.
         let lma = ctx.efer & EFER_LMA != 0;
+        let virtual_8086 = v.read(VmcsField::GUEST_RFLAGS) & rflags::VM != 0;
         let fast = !launch
             && current.verified
                 == Some(Verified {
                     stamp: current.stamp,
                     lma,
+                    virtual_8086,
                 })
             && reflected_into == Some(current.address)
             && v.read32(VmcsField::VM_ENTRY_MSR_LOAD_COUNT) == 0;
@@ -1469,11 +1473,15 @@ impl NestedVmx {
                 v.launched = true;
                 v.dirty = true;
             }
-            // The PDPTEs come from the VMCS12 or are not used: a later fast path may skip them.
-            if !fast && pdptes.is_none() {
+            // A later fast path may skip the checks of this one when the PDPTEs come from the
+            // VMCS12 or are not used, and no VMCS is linked (its revision identifier lives in
+            // L1 memory, which L1 may change without a VMWRITE).
+            let unlinked = v.image.read(VmcsField::VMCS_LINK_POINTER) == u64::MAX;
+            if !fast && pdptes.is_none() && unlinked {
                 v.verified = Some(Verified {
                     stamp: v.stamp,
                     lma,
+                    virtual_8086,
                 });
             }
         }
@@ -4699,6 +4707,12 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+        // RFLAGS.VM through the shadow: a 64-bit L2 may not set it (§27.3.1.4). (Where the
+        // segment checks depend on it, a changed VM flag also voids the fast path: `Verified`
+        // records it.)
+        let mut f = after_reflected_cpuid();
+        f.vmx.pull_shadow(&[(F::GUEST_RFLAGS, 0x2 | rflags::VM)]);
+        assert!(matches!(f.vmresume(), Outcome::EntryFailed(_)));
         // An invalid event to inject is VMfail 7, as on the complete path.
         let mut f = after_reflected_cpuid();
         f.vmx
