@@ -991,6 +991,10 @@ fn take_donation(k: &mut Kernel, space: u32, sel: u64, pool: &mut Pool) -> Resul
     if k.donated.overlaps(obj.base, end) {
         return Err(Status::InsufficientRights);
     }
+    let node = k.caps.get(space, sel)?.node();
+    if mapped_elsewhere(k, node, obj.base, end) {
+        return Err(Status::Busy);
+    }
     let mut keys = Vec::new();
     k.caps
         .delete_with(space, sel, &mut |_| {}, &mut |_, key| keys.push(key))?;
@@ -1000,6 +1004,42 @@ fn take_donation(k: &mut Kernel, space: u32, sel: u64, pool: &mut Pool) -> Resul
     phys::zero(obj.base, (pages * 4096) as usize);
     pool.add(obj.base, pages);
     Ok(())
+}
+
+/// Whether a mapping outside the derivation subtree of capability node `node` (which the
+/// donation removes) reaches physical `[base, end)`. Every mapping of memory derives from a
+/// capability of the boot block the memory came from, so the block's tree holds them all.
+fn mapped_elsewhere(k: &Kernel, node: caps::NodeId, base: u64, end: u64) -> bool {
+    let tree = k.caps.tree();
+    let mut root = node;
+    while let Some(parent) = tree.parent(root) {
+        root = parent;
+    }
+    tree.descendants(root).any(|d| {
+        let Some(NodeKey::Mapping { space, page, level }) = tree.key(d).and_then(NodeKey::unpack)
+        else {
+            return false;
+        };
+        if space >= sched::IO_SPACE_BASE || level > 2 {
+            return false;
+        }
+        let address = page << 12;
+        let size = 1u64 << (12 + 9 * u64::from(level));
+        let frame = if space >= EPT_SPACE_BASE {
+            k.epts
+                .get((space - EPT_SPACE_BASE) as usize)
+                .and_then(Option::as_ref)
+                .and_then(|e| e.lookup(address))
+                .map(|leaf| leaf.frame)
+        } else {
+            k.pds
+                .get(space as usize)
+                .and_then(Option::as_ref)
+                .and_then(|pd| pd.aspace.translate(address))
+                .map(|(frame, _)| frame)
+        };
+        frame.is_some_and(|frame| frame < end && frame + size > base) && !tree.is_ancestor(node, d)
+    })
 }
 
 /// `EptMap` (docs/abi.md): memory or another EPT as the source, clamped to the source.

@@ -24,8 +24,9 @@ const KERNEL_IMAGE: u64 = 0x20_0000;
 
 /// What the cases use: capabilities of various kinds and rights, and an empty slot.
 struct Fixture {
-    /// An empty slot (also the destination of create calls that must fail).
+    /// An empty slot (also the destination of create calls that must fail), and another.
     empty: Selector,
+    empty_too: Selector,
     /// A page with all rights.
     page: Selector,
     /// Copies of the page: READ|MAP (no WRITE, no DELEGATE) and READ|WRITE|DELEGATE (no MAP).
@@ -260,6 +261,24 @@ fn cases() -> Vec<Case> {
         }),
     );
     case(
+        "EptCreate donating a copy of memory its parent capability still maps",
+        Busy,
+        Box::new(|f| {
+            let at = TEST_VADDR + 0x20_0000;
+            if let Err(e) = sys::mem_map(f.page, 0, ROOT_PD, at, R, 0) {
+                return e;
+            }
+            let got = if let Err(e) = sys::cap_delegate(f.page, ROOT_PD, f.empty_too, u32::MAX) {
+                e
+            } else {
+                status_of(rt::vmx::ept_create(ROOT_PD, f.empty, f.empty_too))
+            };
+            let _ = sys::cap_delete(f.empty_too);
+            let _ = sys::mem_unmap(ROOT_PD, at, 0);
+            got
+        }),
+    );
+    case(
         "Call with a reserved message-info bit (11)",
         InvalidArgument,
         Box::new(move |f| call_info(f.endpoint, echo | (1 << 11))),
@@ -356,6 +375,7 @@ pub fn run(mem: &mut Memory, echo: &Child) -> Outcome<()> {
     let page = mem.page()?;
     let fixture = Fixture {
         empty: mem.slot()?,
+        empty_too: mem.slot()?,
         page,
         page_read_only: copy(mem, page, (MemoryRights::READ | MemoryRights::MAP).bits())?,
         page_no_map: copy(
