@@ -790,6 +790,16 @@ impl Kernel {
         Ok(())
     }
 
+    /// Answers `me`'s caller, a vCPU in an exit, with a stop (as a reply whose action is
+    /// stop): it runs again only when resumed.
+    pub fn stop_caller(&mut self, me: u32) {
+        if let Some(c) = self.thread_mut(me).caller.take() {
+            let t = self.thread_mut(c);
+            t.in_exit = false;
+            t.state = State::Suspended;
+        }
+    }
+
     /// Makes vCPU `t`'s VMCS current on this CPU (VMCLEARing it where else it is active).
     pub fn vcpu_vmcs_here(&mut self, t: u32) -> SysResult {
         let me = this_cpu();

@@ -577,7 +577,6 @@ fn handle(
             Ok(DONE)
         }
         Syscall::VcpuWriteState => {
-            use vcpu::message::{REPLY_WORDS, Reply};
             let t = lookup::<Vcpu>(k, space, a[0], VcpuRights::WRITE_STATE)?;
             // a1 bit 0: run it too; bit 1: shadow VMCS pairs follow the reply image.
             if a[1] > 3 {
@@ -587,34 +586,7 @@ fn handle(
             if run {
                 lookup::<Vcpu>(k, space, a[0], VcpuRights::RUN)?;
             }
-            if k.thread(t).state == State::Running {
-                return Err(Status::Busy);
-            }
-            let mut words = [0u64; REPLY_WORDS];
-            phys::read_words(k.thread(me).utcb + UTCB_WORDS_OFFSET, &mut words);
-            let reply = Reply::from_words(&words).map_err(|_| Status::InvalidArgument)?;
-            if a[1] & 2 != 0 {
-                let at = k.thread(me).utcb + UTCB_WORDS_OFFSET + 8 * REPLY_WORDS as u64;
-                let pairs = phys::read_u64(at)
-                    .and_then(|n| usize::try_from(n).ok())
-                    .filter(|&n| n > 0 && n <= (abi::UTCB_WORDS - REPLY_WORDS - 1) / 2)
-                    .ok_or(Status::InvalidArgument)?;
-                shadow_access(k, t, at + 8, pairs, true)?;
-            }
-            k.vcpu_vmcs_here(t)?;
-            let v = k
-                .thread_mut(t)
-                .vcpu
-                .as_deref_mut()
-                .ok_or(Status::Inconsistent)?;
-            vcpu::message::load(
-                &mut crate::vm::HwVmcs,
-                &mut v.regs,
-                reply.mask,
-                &reply.state,
-            )
-            .map_err(|_| Status::InvalidArgument)?;
-            crate::vm::fix_guest_control_registers(true);
+            write_vcpu_state(k, me, t, a[1] & 2 != 0)?;
             if run {
                 // As `VcpuRun`, in the same call: the switch between a nested guest's two
                 // vCPU objects is one system call.
@@ -623,6 +595,29 @@ fn handle(
                 return Ok(Outcome::Blocked);
             }
             Ok(DONE)
+        }
+        Syscall::VcpuSwitch => {
+            // The exit being answered stops; vCPU a1 gets the state in the UTCB and runs; the
+            // caller waits on endpoint a0: a nested VMM's switch between a guest
+            // hypervisor's two vCPU objects in one call.
+            let ep = lookup::<Endpoint>(k, space, a[0], EndpointRights::RECEIVE)?;
+            let t = lookup::<Vcpu>(k, space, a[1], VcpuRights::WRITE_STATE | VcpuRights::RUN)?;
+            if a[2] & !2 != 0 {
+                return Err(Status::InvalidArgument);
+            }
+            let caller = k
+                .thread(me)
+                .caller
+                .filter(|&c| k.thread(c).in_exit)
+                .ok_or(Status::NoCaller)?;
+            if caller == t {
+                return Err(Status::InvalidArgument);
+            }
+            write_vcpu_state(k, me, t, a[2] & 2 != 0)?;
+            k.stop_caller(me);
+            k.resume(t);
+            k.reply_recv(me, ep, None)?;
+            Ok(Outcome::Blocked)
         }
         Syscall::VcpuReadState => {
             let t = lookup::<Vcpu>(k, space, a[0], VcpuRights::READ_STATE)?;
@@ -918,6 +913,41 @@ fn handle(
             }
         }
     }
+}
+
+/// `VcpuWriteState`'s work (docs/abi.md): the reply image in `me`'s UTCB (and, with
+/// `shadow`, the shadow-VMCS pairs after it) into vCPU `t`, which must not run.
+fn write_vcpu_state(k: &mut Kernel, me: u32, t: u32, shadow: bool) -> Result<(), Status> {
+    use vcpu::message::{REPLY_WORDS, Reply};
+    if k.thread(t).state == State::Running {
+        return Err(Status::Busy);
+    }
+    let mut words = [0u64; REPLY_WORDS];
+    phys::read_words(k.thread(me).utcb + UTCB_WORDS_OFFSET, &mut words);
+    let reply = Reply::from_words(&words).map_err(|_| Status::InvalidArgument)?;
+    if shadow {
+        let at = k.thread(me).utcb + UTCB_WORDS_OFFSET + 8 * REPLY_WORDS as u64;
+        let pairs = phys::read_u64(at)
+            .and_then(|n| usize::try_from(n).ok())
+            .filter(|&n| n > 0 && n <= (abi::UTCB_WORDS - REPLY_WORDS - 1) / 2)
+            .ok_or(Status::InvalidArgument)?;
+        shadow_access(k, t, at + 8, pairs, true)?;
+    }
+    k.vcpu_vmcs_here(t)?;
+    let v = k
+        .thread_mut(t)
+        .vcpu
+        .as_deref_mut()
+        .ok_or(Status::Inconsistent)?;
+    vcpu::message::load(
+        &mut crate::vm::HwVmcs,
+        &mut v.regs,
+        reply.mask,
+        &reply.state,
+    )
+    .map_err(|_| Status::InvalidArgument)?;
+    crate::vm::fix_guest_control_registers(true);
+    Ok(())
 }
 
 /// Reads (`write` false) or writes the shadow VMCS fields of vCPU `t` named by the `pairs`

@@ -66,6 +66,7 @@ pub enum Syscall {
     IrqAck = 73,
     VcpuShadowFields = 74,
     VcpuShadowAccess = 75,
+    VcpuSwitch = 76,
 }
 
 impl Syscall {
@@ -122,6 +123,7 @@ impl Syscall {
             73 => IrqAck,
             74 => VcpuShadowFields,
             75 => VcpuShadowAccess,
+            76 => VcpuSwitch,
             _ => return None,
         })
     }

@@ -142,22 +142,42 @@ pub fn vcpu_write_state_and_run(
     shadow: &[(vcpu::vmcs::VmcsField, u64)],
     destination: &mut impl MessageWords,
 ) -> Result<()> {
+    let flags = 1 | write_state_image(reply, shadow, destination)?;
+    invoke(Syscall::VcpuWriteState, [vcpu, flags, 0, 0, 0, 0]).map(|_| ())
+}
+
+/// Writes `reply` (and, if any, the `shadow` pairs after it) into the UTCB through
+/// `destination` for [`vcpu_write_state_and_run`] or [`vcpu_switch`]; returns the flags that
+/// say whether pairs follow.
+pub fn write_state_image(
+    reply: &Reply,
+    shadow: &[(vcpu::vmcs::VmcsField, u64)],
+    destination: &mut impl MessageWords,
+) -> Result<u64> {
     if shadow.len() > SHADOW_PAIRS_WITH_STATE {
         return Err(Status::InvalidArgument);
     }
     write_reply_to(destination, reply);
-    let mut flags = 1;
-    if !shadow.is_empty() {
-        let mut words = [0u64; 1 + 2 * SHADOW_PAIRS_WITH_STATE];
-        words[0] = shadow.len() as u64;
-        for (w, &(field, value)) in words[1..].chunks_mut(2).zip(shadow) {
-            w[0] = u64::from(field.encoding());
-            w[1] = value;
-        }
-        destination.write(REPLY_WORDS, &words[..1 + 2 * shadow.len()]);
-        flags |= 2;
+    if shadow.is_empty() {
+        return Ok(0);
     }
-    invoke(Syscall::VcpuWriteState, [vcpu, flags, 0, 0, 0, 0]).map(|_| ())
+    let mut words = [0u64; 1 + 2 * SHADOW_PAIRS_WITH_STATE];
+    words[0] = shadow.len() as u64;
+    for (w, &(field, value)) in words[1..].chunks_mut(2).zip(shadow) {
+        w[0] = u64::from(field.encoding());
+        w[1] = value;
+    }
+    destination.write(REPLY_WORDS, &words[..1 + 2 * shadow.len()]);
+    Ok(2)
+}
+
+/// `VcpuSwitch`: the exit being answered stops, `vcpu` (WRITE_STATE, RUN) takes the state
+/// image already in the UTCB ([`write_state_image`]; `flags` as it returned) and runs, and
+/// the caller waits on `endpoint` (RECEIVE) for the next call, keeping its badge. On an
+/// error nothing happened: the exit is still to be answered.
+#[inline(always)]
+pub fn vcpu_switch(endpoint: Selector, vcpu: Selector, flags: u64) -> Result<ExitCall> {
+    invoke(Syscall::VcpuSwitch, [endpoint, vcpu, flags, 0, 0, 0]).map(exit_call_of)
 }
 
 /// The most shadow pairs [`vcpu_write_state_and_run`] takes.

@@ -187,6 +187,15 @@ struct VirtualCpu {
 const SHADOW_FIELDS_MAX: usize = SHADOW_READ_WRITE.len() + SHADOW_READ_ONLY.len();
 type ShadowPairs = [(VmcsField, u64); SHADOW_FIELDS_MAX];
 
+/// A switch between a virtual CPU's two objects, answering the current exit.
+#[derive(Clone, Copy)]
+struct Switch {
+    v: usize,
+    target: Selector,
+    flags: u64,
+    to_l2: bool,
+}
+
 /// How the console lines of a virtual CPU begin.
 struct Prefix {
     guest: u64,
@@ -289,6 +298,9 @@ pub struct L1Guest {
     vcpus: Vec<VirtualCpu>,
     pd_created: bool,
     outcome: Option<(Outcome, u64)>,
+    /// The answer to the exit being handled is a switch to the other object (set by the
+    /// handler, made by the exit loop).
+    switch: Option<Switch>,
     stats: [u64; protocol::REPORT_WORDS],
     results: Vec<u64>,
 }
@@ -382,6 +394,7 @@ impl L1Guest {
             vcpus: Vec::new(),
             pd_created: false,
             outcome: None,
+            switch: None,
             stats: [0; protocol::REPORT_WORDS],
             results: Vec::new(),
         };
@@ -675,7 +688,23 @@ impl L1Guest {
         };
         loop {
             self.stats[protocol::R_EXITS] += 1;
-            let reply = self.handle(&call);
+            let mut reply = self.handle(&call);
+            if let Some(s) = self.switch.take() {
+                match vmx::vcpu_switch(slot::EXIT_ENDPOINT, s.target, s.flags) {
+                    Ok(next) => {
+                        self.vcpus[s.v].in_l2 = s.to_l2;
+                        call = next;
+                        continue;
+                    }
+                    // Nothing happened: the exit still waits for an answer.
+                    Err(e) if s.to_l2 && e == Status::InvalidArgument => {
+                        reply = self.l2_state_refused(s.v, e);
+                    }
+                    Err(e) => {
+                        reply = self.vmm_error(s.v, "VcpuSwitch", e);
+                    }
+                }
+            }
             if !self.vcpus.iter().any(|v| v.running) {
                 if let Err(e) = vmx::exit_reply(reply) {
                     log::error!("guest{}: last reply refused: {e:?}", self.number);
@@ -1280,30 +1309,46 @@ impl L1Guest {
             return self.end(v, Outcome::VmmError, Status::Inconsistent.code());
         };
         let reply = entry.reply(ResumeAction::Resume);
-        if let Err(e) = vmx::vcpu_write_state_and_run(l2, &reply, &[], &mut FastUtcb) {
-            // The kernel refused L2's state (the host-isolation rules): a failed VM entry for L1.
-            log::warn!(
-                "guest{} vcpu{v}: L2's state refused ({e:?}): VM-entry failure for L1",
-                self.number
-            );
-            let raw = RawExit {
-                reason: (1 << 31) | 33,
-                ..RawExit::default()
-            };
-            let mut mem = L1Mem {
-                nested: &mut self.nested,
-            };
-            return match self.vcpus[v].vmx.failed_entry_exit(&raw, &mut mem) {
-                Some(resume) if resume.abort.is_none() => match self.push_shadow(v) {
-                    Ok(()) => answer(&resume.reply()),
-                    Err(e) => self.vmm_error(v, "VcpuShadowAccess (write) of L1", e),
-                },
-                Some(_) => self.vmx_abort(v),
-                None => self.end(v, Outcome::VmmError, e.code()),
-            };
+        match vmx::write_state_image(&reply, &[], &mut FastUtcb) {
+            Ok(flags) => self.switch_to(v, l2, flags, true),
+            Err(e) => self.vmm_error(v, "L2's state image", e),
         }
-        self.vcpus[v].in_l2 = true;
-        vmx::write_action_to(&mut FastUtcb, ResumeAction::Stop)
+    }
+
+    /// Answers the current exit of virtual CPU `v` with a switch to its other object
+    /// `target` (`VcpuSwitch`, made by the exit loop), whose state image is in the UTCB.
+    fn switch_to(&mut self, v: usize, target: Selector, flags: u64, to_l2: bool) -> ExitReply {
+        self.switch = Some(Switch {
+            v,
+            target,
+            flags,
+            to_l2,
+        });
+        ExitReply::Written
+    }
+
+    /// The switch to L2 failed: the kernel refused L2's state (the host-isolation rules), a
+    /// VM-entry failure for L1, whose exit is still to be answered.
+    fn l2_state_refused(&mut self, v: usize, e: Status) -> ExitReply {
+        log::warn!(
+            "guest{} vcpu{v}: L2's state refused ({e:?}): VM-entry failure for L1",
+            self.number
+        );
+        let raw = RawExit {
+            reason: (1 << 31) | 33,
+            ..RawExit::default()
+        };
+        let mut mem = L1Mem {
+            nested: &mut self.nested,
+        };
+        match self.vcpus[v].vmx.failed_entry_exit(&raw, &mut mem) {
+            Some(resume) if resume.abort.is_none() => match self.push_shadow(v) {
+                Ok(()) => answer(&resume.reply()),
+                Err(e) => self.vmm_error(v, "VcpuShadowAccess (write) of L1", e),
+            },
+            Some(_) => self.vmx_abort(v),
+            None => self.end(v, Outcome::VmmError, e.code()),
+        }
     }
 
     /// Virtual CPU `v`'s L2 object, created on `ept` or rebound to it.
@@ -1459,12 +1504,14 @@ impl L1Guest {
         };
         let l1 = self.vcpus[v].l1;
         let reply = resume.reply();
-        if let Err(e) = vmx::vcpu_write_state_and_run(l1, &reply, &pairs[..n], &mut FastUtcb) {
-            return self.vmm_error(v, "VcpuWriteState and VcpuRun of L1 after an L2 exit", e);
+        match vmx::write_state_image(&reply, &pairs[..n], &mut FastUtcb) {
+            Ok(flags) => {
+                // A failed switch ends the guest, so the shadow holds these from now on.
+                self.shadow_took(v, &pairs[..n]);
+                self.switch_to(v, l1, flags, false)
+            }
+            Err(e) => self.vmm_error(v, "L1's state image", e),
         }
-        self.shadow_took(v, &pairs[..n]);
-        self.vcpus[v].in_l2 = false;
-        vmx::write_action_to(&mut FastUtcb, ResumeAction::Stop)
     }
 
     /// An exit of L2 that L1 did not ask for: L0 handles it for L2 as for any guest.
@@ -1631,13 +1678,37 @@ impl L1Guest {
 /// Writes `reply` for the answer to the current exit.
 /// The vCPU calls this VMM relies on refuse flags docs/abi.md does not define.
 fn check_flag_arguments(vcpu: Selector) -> Result<(), Status> {
-    for (what, call, flags) in [
-        ("VcpuWriteState", abi::Syscall::VcpuWriteState, 4),
-        ("VcpuShadowVmcs", abi::Syscall::VcpuShadowVmcs, 2),
+    let endpoint = slot::EXIT_ENDPOINT;
+    for (what, call, args, expected) in [
+        (
+            "VcpuWriteState with flags 4",
+            abi::Syscall::VcpuWriteState,
+            [vcpu, 4, 0],
+            Status::InvalidArgument,
+        ),
+        (
+            "VcpuShadowVmcs with a1 = 2",
+            abi::Syscall::VcpuShadowVmcs,
+            [vcpu, 2, 0],
+            Status::InvalidArgument,
+        ),
+        (
+            "VcpuSwitch with flags 1",
+            abi::Syscall::VcpuSwitch,
+            [endpoint, vcpu, 1],
+            Status::InvalidArgument,
+        ),
+        (
+            "VcpuSwitch with no exit to answer",
+            abi::Syscall::VcpuSwitch,
+            [endpoint, vcpu, 0],
+            Status::NoCaller,
+        ),
     ] {
-        let got = sys::status_of(sys::raw_syscall(call as u64, [vcpu, flags, 0, 0, 0, 0]).status);
-        if got != Status::InvalidArgument {
-            rt::println!("vmm: {what} with flags {flags}: {got:?}, expected InvalidArgument");
+        let [a0, a1, a2] = args;
+        let got = sys::status_of(sys::raw_syscall(call as u64, [a0, a1, a2, 0, 0, 0]).status);
+        if got != expected {
+            rt::println!("vmm: {what}: {got:?}, expected {expected:?}");
             return Err(Status::Inconsistent);
         }
     }
