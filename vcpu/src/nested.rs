@@ -2466,7 +2466,8 @@ impl NestedVmx {
         l2: &GuestState,
         mem: &mut impl L1Memory,
     ) -> Option<L1Resume> {
-        self.entry.as_ref()?;
+        // L1's state at its VM entry: its vCPU object still holds it (L1 has not run since).
+        let held = self.entry.as_ref()?.l1;
         let maxphyaddr = self.maxphyaddr;
         let stores_lma = self.misc.stores_lma_on_exit;
         let v = self.current_mut()?;
@@ -2524,9 +2525,11 @@ impl NestedVmx {
         if let Some(indicator) = abort {
             self.abort(indicator, mem);
         }
+        // The groups whose values L1's object holds already need no writing.
+        let kept = unchanged_groups(&state, &held) & L1_VMX_EXIT_STATE;
         Some(L1Resume {
             state,
-            mask: L1_RESUME_STATE,
+            mask: L1_RESUME_STATE - kept,
             abort,
         })
     }
@@ -3137,6 +3140,58 @@ fn save_hot_guest_state(v: &mut VmcsImage, l2: &GuestState) {
         F::VM_ENTRY_INTERRUPTION_INFORMATION,
         information & !u64::from(EventInfo::VALID),
     );
+}
+
+/// The groups of `load` with the same values as in `held` among CR, DR7, segments, EFER and
+/// PAT, the SYSCALL MSRs and the interruptibility and activity state.
+fn unchanged_groups(load: &GuestState, held: &GuestState) -> StateMask {
+    let mut same = StateMask::empty();
+    let pairs = [
+        (
+            StateMask::CR,
+            (load.cr0, load.cr2, load.cr3, load.cr4) == (held.cr0, held.cr2, held.cr3, held.cr4),
+        ),
+        (StateMask::DR7, load.dr7 == held.dr7),
+        (StateMask::SEGMENTS, load.segments() == held.segments()),
+        (
+            StateMask::EFER_PAT,
+            (load.efer, load.pat) == (held.efer, held.pat),
+        ),
+        (
+            StateMask::SYSCALL_MSRS,
+            (
+                load.star,
+                load.lstar,
+                load.cstar,
+                load.sfmask,
+                load.kernel_gs_base,
+            ) == (
+                held.star,
+                held.lstar,
+                held.cstar,
+                held.sfmask,
+                held.kernel_gs_base,
+            ),
+        ),
+        (
+            StateMask::INTERRUPTIBILITY_ACTIVITY,
+            (
+                load.interruptibility,
+                load.activity,
+                load.pending_debug_exceptions,
+            ) == (
+                held.interruptibility,
+                held.activity,
+                held.pending_debug_exceptions,
+            ),
+        ),
+    ];
+    for (group, equal) in pairs {
+        if equal {
+            same |= group;
+        }
+    }
+    same
 }
 
 /// Whether [`save_guest_state`] of `a` and of `b` write the same values into the fields
@@ -4740,6 +4795,32 @@ mod tests {
         assert_eq!(f.vmresume(), Outcome::Resume);
         let entry = f.vmx.l2_entry(&L0Requirements::default()).unwrap();
         assert_eq!(entry.mask, L2_ENTRY_STATE);
+    }
+
+    #[test]
+    fn an_l1_resume_leaves_out_only_groups_l1s_object_still_holds() {
+        let raw = RawExit {
+            reason: ExitReason::Cpuid as u32,
+            instruction_length: 2,
+            ..RawExit::default()
+        };
+        // L2 changed nothing L1 gets back but its GPRs, RIP, RSP, RFLAGS.
+        let mut f = Fixture::launched();
+        let held = f.l1;
+        let l2 = f.vmx.l2_entry(&L0Requirements::default()).unwrap().state;
+        let resume = f.vmx.reflect_exit(&raw, &l2, &mut f.mem).unwrap();
+        let left_out = L1_RESUME_STATE - resume.mask;
+        assert!(!left_out.is_empty());
+        assert!(!left_out.intersects(StateMask::GPRS | StateMask::RIP_RSP_RFLAGS));
+        assert!(L1_VMX_EXIT_STATE.contains(left_out));
+        assert_eq!(unchanged_groups(&resume.state, &held) & left_out, left_out);
+        // L2 took a page fault: CR2, which VM exits carry to L1, differs, so CR is written.
+        let mut f = Fixture::launched();
+        let mut l2 = f.vmx.l2_entry(&L0Requirements::default()).unwrap().state;
+        l2.cr2 = f.l1.cr2 ^ 0x7000;
+        let resume = f.vmx.reflect_exit(&raw, &l2, &mut f.mem).unwrap();
+        assert!(resume.mask.contains(StateMask::CR));
+        assert_eq!(resume.state.cr2, l2.cr2);
     }
 
     #[test]
