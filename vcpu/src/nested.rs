@@ -2466,8 +2466,7 @@ impl NestedVmx {
         l2: &GuestState,
         mem: &mut impl L1Memory,
     ) -> Option<L1Resume> {
-        // L1's state at its VM entry: its vCPU object still holds it (L1 has not run since).
-        let held = self.entry.as_ref()?.l1;
+        self.entry.as_ref()?;
         let maxphyaddr = self.maxphyaddr;
         let stores_lma = self.misc.stores_lma_on_exit;
         let v = self.current_mut()?;
@@ -2487,7 +2486,6 @@ impl NestedVmx {
         }
         v.dirty = true;
         let address = v.address;
-        self.entry = None;
         self.reflected_into = Some(address);
         let v = self.vmcs12()?;
 
@@ -2525,8 +2523,11 @@ impl NestedVmx {
         if let Some(indicator) = abort {
             self.abort(indicator, mem);
         }
-        // The groups whose values L1's object holds already need no writing.
-        let kept = unchanged_groups(&state, &held) & L1_VMX_EXIT_STATE;
+        // The groups whose values L1's object holds already need no writing: it holds its
+        // state at the VM entry (L1 has not run since).
+        let kept = self.entry.take().map_or(StateMask::empty(), |record| {
+            unchanged_groups(&state, &record.l1)
+        }) & L1_VMX_EXIT_STATE;
         Some(L1Resume {
             state,
             mask: L1_RESUME_STATE - kept,
