@@ -2525,9 +2525,10 @@ impl NestedVmx {
         }
         // The groups whose values L1's object holds already need no writing: it holds its
         // state at the VM entry (L1 has not run since).
-        let kept = self.entry.take().map_or(StateMask::empty(), |record| {
+        let kept = self.entry.as_ref().map_or(StateMask::empty(), |record| {
             unchanged_groups(&state, &record.l1)
         }) & L1_VMX_EXIT_STATE;
+        self.entry = None;
         Some(L1Resume {
             state,
             mask: L1_RESUME_STATE - kept,
