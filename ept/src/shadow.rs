@@ -185,6 +185,8 @@ pub struct Counters {
     pub invept_single: u64,
     /// INVEPT all-context handled.
     pub invept_all: u64,
+    /// Shadows an INVEPT left in place: every L1 entry they were built from was unchanged.
+    pub invept_kept: u64,
     /// L1 EPT entries whose accessed/dirty flags the engine set.
     pub accessed_dirty_updates: u64,
 }
@@ -213,7 +215,15 @@ struct ShadowInfo {
     table_spans: NodeIndex,
     tables_overflow: bool,
     large: BTreeMap<u64, (u64, PageSize)>,
+    /// The 64-byte lines of L1's EPT every translation installed since the shadow was last
+    /// emptied was walked through, as they were read (`None`: not tracked, or more than
+    /// [`VERIFIED_LINES`]). With them an INVEPT can tell that nothing the shadow holds went
+    /// stale. Tracking starts at a shadow's first INVEPT: only an L1 that uses INVEPT pays.
+    lines: Option<BTreeMap<u64, [u64; 8]>>,
 }
+
+/// The most L1 EPT lines a shadow's INVEPT check re-reads; beyond, an INVEPT empties it.
+const VERIFIED_LINES: usize = 64;
 
 /// A shadow region: what one leaf table maps (2 MiB of 4 KiB leaves) or one PD maps (1 GiB of
 /// large leaves). The unit of LRU eviction.
@@ -476,7 +486,7 @@ impl Engine {
             .map(|s| s.shadow)
             .collect();
         for shadow in targets {
-            self.flush_shadow(backend, shadow)?;
+            self.invept_shadow(backend, shadow)?;
         }
         Ok(())
     }
@@ -493,15 +503,18 @@ impl Engine {
             .ok_or(EngineError::NoSuchVcpu)?;
         v.counters.invept_all += 1;
         for shadow in self.shadows_of(vcpu) {
-            self.flush_shadow(backend, shadow)?;
+            self.invept_shadow(backend, shadow)?;
         }
         Ok(())
     }
 
-    fn flush_shadow<B: ShadowBackend>(
+    /// Empties `shadow`; with `track`, what it is filled with from now on is tracked for
+    /// INVEPT ([`ShadowInfo::lines`]).
+    fn empty_shadow<B: ShadowBackend>(
         &mut self,
         backend: &mut B,
         shadow: ShadowId,
+        track: bool,
     ) -> Result<(), EngineError> {
         let vcpu = self.shadows.get(&shadow.0).map_or(0, |s| s.vcpu);
         self.drop_shadow_state(shadow);
@@ -509,10 +522,98 @@ impl Engine {
             shadow.0,
             ShadowInfo {
                 vcpu,
+                lines: track.then(BTreeMap::new),
                 ..ShadowInfo::default()
             },
         );
         backend.flush(shadow).map_err(EngineError::Backend)
+    }
+
+    /// INVEPT for `shadow` (SDM Vol. 3C §29.4.3.1: cached translations derived from the EPT
+    /// go). A shadow holds only translations built from present L1 entries; when every
+    /// present entry of every L1 line it was built from reads the same now, nothing it holds
+    /// is stale and it stays. Otherwise (or untracked) it is emptied, and tracked from then on.
+    /// The backend's reads must be fresh (a caching backend drops its lines first).
+    fn invept_shadow<B: ShadowBackend>(
+        &mut self,
+        backend: &mut B,
+        shadow: ShadowId,
+    ) -> Result<(), EngineError> {
+        let unchanged = self
+            .shadows
+            .get(&shadow.0)
+            .and_then(|info| info.lines.as_ref())
+            .is_some_and(|lines| {
+                lines.iter().all(|(&line, before)| {
+                    backend
+                        .read_l1_line(line)
+                        .is_ok_and(|now| before.iter().zip(&now).all(|(b, n)| b & 7 == 0 || b == n))
+                })
+            });
+        if unchanged {
+            let v = self.shadows.get(&shadow.0).map_or(0, |s| s.vcpu) as usize;
+            if let Some(state) = self.vcpus.get_mut(v) {
+                state.counters.invept_kept += 1;
+            }
+            return Ok(());
+        }
+        self.empty_shadow(backend, shadow, true)
+    }
+
+    /// Records, for a tracked shadow, the L1 entries translation `t` walked through.
+    fn track_lines<B: ShadowBackend>(
+        &mut self,
+        backend: &B,
+        shadow: ShadowId,
+        t: &Translation<EptAttributes>,
+    ) {
+        let tracked = self
+            .shadows
+            .get(&shadow.0)
+            .is_some_and(|info| info.lines.is_some());
+        if !tracked {
+            return;
+        }
+        for step in t.path.steps() {
+            self.track_entry(backend, shadow, step.entry_address(), step.entry);
+        }
+    }
+
+    /// Records that an entry the shadow was built from, at L1 address `address`, held `value`.
+    /// A line is recorded whole when first seen; an entry recorded present with another value
+    /// (the shadow then holds translations from both) ends the tracking.
+    fn track_entry<B: ShadowBackend>(
+        &mut self,
+        backend: &B,
+        shadow: ShadowId,
+        address: u64,
+        value: u64,
+    ) {
+        let Some(info) = self.shadows.get_mut(&shadow.0) else {
+            return;
+        };
+        let Some(lines) = info.lines.as_mut() else {
+            return;
+        };
+        let (line, index) = (address & !63, ((address & 63) / 8) as usize);
+        if !lines.contains_key(&line) {
+            match backend.read_l1_line(line) {
+                Ok(words) if lines.len() < VERIFIED_LINES => {
+                    lines.insert(line, words);
+                }
+                _ => {
+                    info.lines = None;
+                    return;
+                }
+            }
+        }
+        if let Some(words) = lines.get_mut(&line) {
+            if words[index] & 7 != 0 && words[index] != value {
+                info.lines = None;
+            } else {
+                words[index] = value;
+            }
+        }
     }
 
     /// Forgets the engine's bookkeeping of a shadow (its regions, tables seen, large pages).
@@ -629,6 +730,8 @@ impl Engine {
                 Err(e) => return Err(EngineError::Backend(e)),
             }
         };
+        // Whatever was installed (even with fewer rights than the access needs) is tracked.
+        self.track_lines(backend, shadow, &t);
         if !installed.rights.contains(access & Rights::RWX) {
             return Ok(self.pass_to_l0(v, t.address, access));
         }
@@ -919,7 +1022,10 @@ impl Engine {
             n.attributes = attributes;
             let size = self.shadow_size(shadow, &n);
             match self.install(backend, shadow, n_l2, address, size, rights, &n) {
-                Ok(i) if !i.rights.is_empty() => count += 1,
+                Ok(i) if !i.rights.is_empty() => {
+                    count += 1;
+                    self.track_entry(backend, shadow, leaf.table + j as u64 * 8, raw);
+                }
                 Ok(_) | Err(BackendError::NotBacked { .. }) | Err(BackendError::Misaligned) => {}
                 Err(BackendError::OutOfTables) | Err(BackendError::OutOfNodes) => break,
                 Err(e) => return Err(EngineError::Backend(e)),
@@ -1155,6 +1261,9 @@ impl Engine {
             .map(|s| {
                 s.l1_tables.bytes()
                     + s.table_spans.bytes()
+                    + s.lines.as_ref().map_or(0, |lines| {
+                        btree_bytes(lines.len(), size_of::<u64>() + size_of::<[u64; 8]>())
+                    })
                     + btree_bytes(
                         s.large.len(),
                         size_of::<u64>() + size_of::<(u64, PageSize)>(),

@@ -442,6 +442,66 @@ fn stale_translation_is_kept_until_invept_as_the_sdm_allows() {
 }
 
 #[test]
+fn a_later_invept_keeps_the_shadow_when_nothing_it_was_built_from_changed() {
+    let mut w = World::new(no_prefetch());
+    w.l1_map(0, leaf(0x1000, PageSize::Size4K, 0x10_0000, R), false);
+    w.access(0, 0x1000, R).unwrap();
+    // Untracked so far: the first INVEPT empties the shadow and starts tracking.
+    w.invept(0, 0, false);
+    assert!(w.backend.leaves(shadow_of(&w, 0)).is_empty());
+    w.access(0, 0x1000, R).unwrap();
+    // L1 maps another page in the same line (not present to present) and INVEPTs: nothing
+    // the shadow holds is stale, so it stays.
+    w.l1_map(0, leaf(0x5000, PageSize::Size4K, 0x50_0000, R), false);
+    w.invept(0, 0, false);
+    assert_eq!(w.backend.leaves(shadow_of(&w, 0)).len(), 1);
+    assert_eq!(w.engine.counters(w.vcpus[0]).unwrap().invept_kept, 1);
+    w.check().unwrap();
+    // L1 remaps the page L2 uses: INVEPT empties the shadow, and L2 gets the new page.
+    w.l1_map(0, leaf(0x1000, PageSize::Size4K, 0x20_0000, R), false);
+    w.invept(0, 0, false);
+    assert!(w.backend.leaves(shadow_of(&w, 0)).is_empty());
+    w.access(0, 0x1000, R).unwrap();
+    assert_eq!(
+        w.backend.access(shadow_of(&w, 0), 0x1000, R),
+        Ok(w.region.base() + 0x20_0000)
+    );
+    w.check().unwrap();
+}
+
+#[test]
+fn an_entry_made_present_after_tracking_began_is_checked_at_invept() {
+    for prefetch in [false, true] {
+        let mut w = if prefetch {
+            world()
+        } else {
+            World::new(no_prefetch())
+        };
+        w.l1_map(0, leaf(0x1000, PageSize::Size4K, 0x10_0000, R), false);
+        w.access(0, 0x1000, R).unwrap();
+        w.invept(0, 0, false);
+        w.access(0, 0x1000, R).unwrap();
+        // The line was recorded with 0x2000 not present; L1 maps it and L2 uses it (or the
+        // fault on 0x1000 below prefetches it)...
+        w.l1_map(0, leaf(0x2000, PageSize::Size4K, 0x30_0000, R), false);
+        w.access(0, 0x2000, R).unwrap();
+        // ...then L1 changes it: the INVEPT must not keep the old translation.
+        w.l1_map(0, leaf(0x2000, PageSize::Size4K, 0x40_0000, R), false);
+        w.invept(0, 0, false);
+        assert!(
+            w.backend.leaves(shadow_of(&w, 0)).is_empty(),
+            "prefetch {prefetch}"
+        );
+        w.access(0, 0x2000, R).unwrap();
+        assert_eq!(
+            w.backend.access(shadow_of(&w, 0), 0x2000, R),
+            Ok(w.region.base() + 0x40_0000)
+        );
+        w.check().unwrap();
+    }
+}
+
+#[test]
 fn invept_single_context_drops_only_the_matching_root() {
     let mut w = world();
     w.l1_map(0, leaf(0x1000, PageSize::Size4K, 0x1000, R), false);
