@@ -1081,12 +1081,13 @@ pub struct NestedFeatures {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     /// Bochs 2.7 `corei7_skylake_x` (docs/emulators.md): IA32_VMX_BASIC and EPT_VPID_CAP as
-    /// read in the emulator; the control MSRs are made up in the same style.
-    fn bochs() -> VmxCapabilities {
+    /// read in the emulator; the control MSRs are made up in the same style. (The `nested`
+    /// tests start from it too.)
+    pub(crate) fn bochs() -> VmxCapabilities {
         VmxCapabilities {
             basic: 0x00d8_1000_0000_002b,
             pinbased_ctls: 0x0000_007f_0000_0016,

@@ -229,6 +229,21 @@ pub struct Gprs {
 }
 
 impl Gprs {
+    /// The registers in encoding order (RAX, RCX, RDX, RBX, RBP, RSI, RDI, R8-R15): the
+    /// words of the `GPRS` group.
+    pub fn to_words(&self) -> [u64; 15] {
+        self.slots().map(|r| *r)
+    }
+
+    /// The registers from the words of the `GPRS` group ([`Gprs::to_words`]).
+    pub fn from_words(words: [u64; 15]) -> Gprs {
+        let mut g = Gprs::default();
+        for (slot, w) in g.slots_mut().into_iter().zip(words) {
+            *slot = w;
+        }
+        g
+    }
+
     fn slots(&self) -> [&u64; 15] {
         [
             &self.rax, &self.rcx, &self.rdx, &self.rbx, &self.rbp, &self.rsi, &self.rdi, &self.r8,
@@ -452,6 +467,40 @@ impl GuestState {
         match Gprs::slot(gpr) {
             Some(slot) => *self.gprs.slots_mut()[slot] = value,
             None => self.rsp = value,
+        }
+    }
+
+    /// Whether `self` and `other` hold the same values in `group`, one group of
+    /// [`StateMask`] (false for anything else: several groups, none, exit information).
+    #[inline]
+    pub fn same_group(&self, other: &GuestState, group: StateMask) -> bool {
+        let (a, b) = (self, other);
+        match group {
+            StateMask::GPRS => a.gprs == b.gprs,
+            StateMask::RIP_RSP_RFLAGS => (a.rip, a.rsp, a.rflags) == (b.rip, b.rsp, b.rflags),
+            StateMask::CR => (a.cr0, a.cr2, a.cr3, a.cr4) == (b.cr0, b.cr2, b.cr3, b.cr4),
+            StateMask::DR7 => a.dr7 == b.dr7,
+            StateMask::SEGMENTS => a.segments() == b.segments(),
+            StateMask::DESCRIPTOR_TABLES => (a.gdtr, a.idtr) == (b.gdtr, b.idtr),
+            StateMask::EFER_PAT => (a.efer, a.pat) == (b.efer, b.pat),
+            StateMask::SYSENTER => {
+                (a.sysenter_cs, a.sysenter_esp, a.sysenter_eip)
+                    == (b.sysenter_cs, b.sysenter_esp, b.sysenter_eip)
+            }
+            StateMask::SYSCALL_MSRS => {
+                (a.star, a.lstar, a.cstar, a.sfmask, a.kernel_gs_base)
+                    == (b.star, b.lstar, b.cstar, b.sfmask, b.kernel_gs_base)
+            }
+            StateMask::INTERRUPTIBILITY_ACTIVITY => {
+                (a.interruptibility, a.activity, a.pending_debug_exceptions)
+                    == (b.interruptibility, b.activity, b.pending_debug_exceptions)
+            }
+            StateMask::EVENT_INJECTION => a.injection == b.injection,
+            StateMask::TSC => a.tsc_offset == b.tsc_offset,
+            StateMask::PREEMPTION_TIMER => a.preemption_timer == b.preemption_timer,
+            StateMask::CONTROLS => a.controls == b.controls,
+            StateMask::PDPTES => a.pdptes == b.pdptes,
+            _ => false,
         }
     }
 
@@ -1693,6 +1742,21 @@ mod fast_path_tests {
                 for f in crate::vmcs::ALL_FIELDS {
                     prop_assert_eq!(v1.read(*f), v2.read(*f));
                 }
+            }
+        }
+
+        #[test]
+        fn same_group_tells_exactly_the_group_whose_words_differ(seed: u64, at in 0usize..GUEST_STATE_WORDS) {
+            let vmcs = vmcs_with(seed);
+            let state = ExitMessage::capture(&vmcs, &regs_with(seed), StateMask::all()).state;
+            let mut words = [0; GUEST_STATE_WORDS];
+            state.to_words(&mut words);
+            words[at] ^= 1;
+            let other = GuestState::from_words(&words).unwrap();
+            for group in (StateMask::all() - StateMask::EXIT_INFO).iter() {
+                let holds = group_words(group).unwrap().contains(&at);
+                prop_assert_eq!(state.same_group(&other, group), !holds, "{:?}", group);
+                prop_assert!(state.same_group(&state, group));
             }
         }
 

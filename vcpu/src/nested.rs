@@ -3148,48 +3148,15 @@ fn save_hot_guest_state(v: &mut VmcsImage, l2: &GuestState) {
 /// PAT, the SYSCALL MSRs and the interruptibility and activity state.
 fn unchanged_groups(load: &GuestState, held: &GuestState) -> StateMask {
     let mut same = StateMask::empty();
-    let pairs = [
-        (
-            StateMask::CR,
-            (load.cr0, load.cr2, load.cr3, load.cr4) == (held.cr0, held.cr2, held.cr3, held.cr4),
-        ),
-        (StateMask::DR7, load.dr7 == held.dr7),
-        (StateMask::SEGMENTS, load.segments() == held.segments()),
-        (
-            StateMask::EFER_PAT,
-            (load.efer, load.pat) == (held.efer, held.pat),
-        ),
-        (
-            StateMask::SYSCALL_MSRS,
-            (
-                load.star,
-                load.lstar,
-                load.cstar,
-                load.sfmask,
-                load.kernel_gs_base,
-            ) == (
-                held.star,
-                held.lstar,
-                held.cstar,
-                held.sfmask,
-                held.kernel_gs_base,
-            ),
-        ),
-        (
-            StateMask::INTERRUPTIBILITY_ACTIVITY,
-            (
-                load.interruptibility,
-                load.activity,
-                load.pending_debug_exceptions,
-            ) == (
-                held.interruptibility,
-                held.activity,
-                held.pending_debug_exceptions,
-            ),
-        ),
-    ];
-    for (group, equal) in pairs {
-        if equal {
+    for group in [
+        StateMask::CR,
+        StateMask::DR7,
+        StateMask::SEGMENTS,
+        StateMask::EFER_PAT,
+        StateMask::SYSCALL_MSRS,
+        StateMask::INTERRUPTIBILITY_ACTIVITY,
+    ] {
+        if load.same_group(held, group) {
             same |= group;
         }
     }
@@ -3200,18 +3167,20 @@ fn unchanged_groups(load: &GuestState, held: &GuestState) -> StateMask {
 /// outside [`SHADOW_READ_WRITE`] (the guest-state area but RIP, RSP, RFLAGS and the
 /// interruptibility state; the VM-entry controls' IA-32e mode guest bit follows EFER.LMA).
 fn same_saved_state(a: &GuestState, b: &GuestState) -> bool {
-    a.cr0 == b.cr0
-        && a.cr3 == b.cr3
-        && a.cr4 == b.cr4
-        && a.dr7 == b.dr7
-        && a.segments() == b.segments()
-        && a.gdtr == b.gdtr
-        && a.idtr == b.idtr
-        && (a.sysenter_cs, a.sysenter_esp, a.sysenter_eip)
-            == (b.sysenter_cs, b.sysenter_esp, b.sysenter_eip)
-        && (a.efer, a.pat) == (b.efer, b.pat)
+    // CR2 and the interruptibility state are not among them (a VM exit does not save CR2;
+    // interruptibility is shadowed).
+    (a.cr0, a.cr3, a.cr4) == (b.cr0, b.cr3, b.cr4)
         && (a.activity, a.pending_debug_exceptions) == (b.activity, b.pending_debug_exceptions)
-        && a.pdptes == b.pdptes
+        && [
+            StateMask::DR7,
+            StateMask::SEGMENTS,
+            StateMask::DESCRIPTOR_TABLES,
+            StateMask::EFER_PAT,
+            StateMask::SYSENTER,
+            StateMask::PDPTES,
+        ]
+        .into_iter()
+        .all(|group| a.same_group(b, group))
 }
 
 /// Whether a control-register access of L2 exits to L1 (§26.1.3).
@@ -3361,28 +3330,12 @@ mod tests {
         }
     }
 
-    /// Bochs 2.7 `corei7_skylake_x`-like capability MSRs (as in the `controls` tests).
+    /// The `controls` tests' Bochs 2.7 `corei7_skylake_x`-like capability MSRs, with four
+    /// CR3-target values in IA32_VMX_MISC (bits 24:16; SDM Vol. 3D §A.6).
     fn host() -> VmxCapabilities {
         VmxCapabilities {
-            basic: 0x00d8_1000_0000_002b,
-            pinbased_ctls: 0x0000_007f_0000_0016,
-            procbased_ctls: 0xfff9_fffe_0401_e172,
-            exit_ctls: 0x00ff_ffff_0003_6dff,
-            entry_ctls: 0x0000_f3ff_0000_11ff,
             misc: 0x0000_0000_0004_01e5,
-            cr0_fixed0: 0x8000_0021,
-            cr0_fixed1: 0xffff_ffff,
-            cr4_fixed0: 0x2000,
-            cr4_fixed1: 0x0037_27ff,
-            vmcs_enum: 0x2e,
-            procbased_ctls2: Some(0x0013_70ee_0000_0000),
-            ept_vpid_cap: Some(0x0000_0f01_0633_4141),
-            true_pinbased_ctls: Some(0x0000_007f_0000_0016),
-            true_procbased_ctls: Some(0xfff9_fffe_0400_6172),
-            true_exit_ctls: Some(0x00ff_ffff_0003_6dfb),
-            true_entry_ctls: Some(0x0000_f3ff_0000_11fb),
-            vmfunc: Some(1),
-            procbased_ctls3: None,
+            ..crate::controls::tests::bochs()
         }
     }
 

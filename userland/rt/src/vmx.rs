@@ -163,10 +163,7 @@ pub fn write_state_image(
     }
     let mut words = [0u64; 1 + 2 * SHADOW_PAIRS_WITH_STATE];
     words[0] = shadow.len() as u64;
-    for (w, &(field, value)) in words[1..].chunks_mut(2).zip(shadow) {
-        w[0] = u64::from(field.encoding());
-        w[1] = value;
-    }
+    encode_pairs(shadow, &mut words[1..]);
     destination.write(REPLY_WORDS, &words[..1 + 2 * shadow.len()]);
     Ok(2)
 }
@@ -238,10 +235,7 @@ pub fn vcpu_shadow_write(vcpu: Selector, pairs: &[(vcpu::vmcs::VmcsField, u64)])
     }
     let mut words = [0u64; 2 * 32];
     for chunk in pairs.chunks(32) {
-        for (w, &(f, v)) in words.chunks_mut(2).zip(chunk) {
-            w[0] = u64::from(f.encoding());
-            w[1] = v;
-        }
+        encode_pairs(chunk, &mut words);
         utcb::write_words(&words[..2 * chunk.len()]);
         invoke(
             Syscall::VcpuShadowAccess,
@@ -249,6 +243,14 @@ pub fn vcpu_shadow_write(vcpu: Selector, pairs: &[(vcpu::vmcs::VmcsField, u64)])
         )?;
     }
     Ok(())
+}
+
+/// (field encoding, value) word pairs, as `VcpuShadowAccess` and `VcpuSwitch` take them.
+fn encode_pairs(pairs: &[(vcpu::vmcs::VmcsField, u64)], words: &mut [u64]) {
+    for (w, &(field, value)) in words.chunks_mut(2).zip(pairs) {
+        w[0] = u64::from(field.encoding());
+        w[1] = value;
+    }
 }
 
 /// `VcpuShadowAccess`: reads the values of the fields of `pairs` (up to 32) from `vcpu`'s
@@ -576,40 +578,7 @@ impl ExitHeader {
 pub fn read_gprs_from(source: &mut impl MessageWords) -> Gprs {
     let mut w = [0u64; GPRS_WORDS];
     source.read(EXIT_HEADER_WORDS + word::GPRS, &mut w);
-    let [
-        rax,
-        rcx,
-        rdx,
-        rbx,
-        rbp,
-        rsi,
-        rdi,
-        r8,
-        r9,
-        r10,
-        r11,
-        r12,
-        r13,
-        r14,
-        r15,
-    ] = w;
-    Gprs {
-        rax,
-        rcx,
-        rdx,
-        rbx,
-        rbp,
-        rsi,
-        rdi,
-        r8,
-        r9,
-        r10,
-        r11,
-        r12,
-        r13,
-        r14,
-        r15,
-    }
+    Gprs::from_words(w)
 }
 
 /// The first words of a reply that writes `gprs` (if any) and takes `action`: the same words
@@ -618,25 +587,15 @@ pub fn gprs_reply_words(
     action: ResumeAction,
     gprs: Option<&Gprs>,
 ) -> [u64; REPLY_HEADER_WORDS + GPRS_WORDS] {
-    let (code, argument) = match action {
-        ResumeAction::Resume => (0, 0),
-        ResumeAction::Advance => (1, 0),
-        ResumeAction::ResumeWithEptBinding(selector) => (2, selector),
-        ResumeAction::Stop => (3, 0),
-    };
     let mask = if gprs.is_some() {
         StateMask::GPRS
     } else {
         StateMask::empty()
     };
     let mut words = [0; REPLY_HEADER_WORDS + GPRS_WORDS];
-    words[0] = u64::from(mask.bits()) | (code << 32);
-    words[1] = argument;
+    words[..REPLY_HEADER_WORDS].copy_from_slice(&Reply::header(mask, action));
     if let Some(g) = gprs {
-        words[REPLY_HEADER_WORDS..].copy_from_slice(&[
-            g.rax, g.rcx, g.rdx, g.rbx, g.rbp, g.rsi, g.rdi, g.r8, g.r9, g.r10, g.r11, g.r12,
-            g.r13, g.r14, g.r15,
-        ]);
+        words[REPLY_HEADER_WORDS..].copy_from_slice(&g.to_words());
     }
     words
 }
